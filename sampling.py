@@ -1,0 +1,244 @@
+"""The variance-preserving noise process, its posterior, and the samplers.
+
+Notation follows Salimans et al., "Multistep Distillation of Diffusion Models via Moment Matching"
+(NeurIPS 2024), Sec. 2.1: `z_t = alpha_t x + sigma_t eps` with `alpha_t^2 + sigma_t^2 = 1`, t in [0, 1].
+Everything is written in log-SNR `lambda_t = log(alpha_t^2 / sigma_t^2)` because that is where the
+formulas stay finite.
+
+Shapes: `x`, `z` are `(*batch, *data)`; times are scalars or `(*batch,)` and are right-padded with
+singleton axes to broadcast against the data (see `bcast`). A denoiser is an unbatched callable
+`denoiser(z, t) -> x_hat` (the Equinox convention); the samplers `vmap` it over the leading axis.
+"""
+
+import math
+from typing import Callable
+
+import einops
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+
+Denoiser = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+# ----------------------------------------------------------------------------------------------
+# Input checks. They run on concrete values only: inside `jit` the values are tracers and the
+# checks are skipped (everything below is jittable), so call the public functions eagerly once
+# if you want the errors.
+
+
+def _concrete(x):
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_times(t, s=None):
+    """Raise `ValueError` if `t` (or `s`) is outside [0, 1] or `s > t`, where values are concrete."""
+    for name, v in (("t", t), ("s", s)):
+        if v is not None and _concrete(v):
+            a = np.asarray(v, dtype=np.float64)
+            if not np.all((a >= 0.0) & (a <= 1.0)):
+                raise ValueError(f"{name} must lie in [0, 1]; got {name} = {a[(a < 0) | (a > 1) | np.isnan(a)][:5]}")
+    if s is not None and _concrete(t) and _concrete(s):
+        ta, sa = np.broadcast_arrays(np.asarray(t), np.asarray(s))
+        if np.any(sa > ta):
+            raise ValueError(f"need 0 <= s <= t <= 1; got s = {sa[sa > ta][:5]} > t = {ta[sa > ta][:5]}")
+
+
+def check_num_steps(num_steps):
+    if not isinstance(num_steps, (int, np.integer)) or num_steps < 1:
+        raise ValueError(f"num_steps must be an integer >= 1; got {num_steps!r}")
+
+
+def bcast(t, x):
+    """Right-pad time `t` (scalar or `(*batch,)`) with singleton axes so it broadcasts against `x`."""
+    t = jnp.asarray(t)
+    return jnp.reshape(t, t.shape + (1,) * (jnp.ndim(x) - t.ndim))
+
+
+# ----------------------------------------------------------------------------------------------
+# Schedule (paper Sec. 2.1 and 3.3; Hoogeboom et al. 2023 for the shift).
+
+
+class Schedule(eqx.Module):
+    """Cosine VP schedule in log-SNR, optionally shifted: `lambda(t) = -2 log tan(pi t / 2) + shift`.
+
+    `Schedule()` is the cosine schedule. `Schedule.for_resolution(res, base=64)` gives the shifted
+    schedule of simple diffusion, `shift = 2 log(base / res)`. Log-SNR is clipped to
+    `[logsnr_min, logsnr_max]` by clipping t itself, so `logsnr`, `alpha_sigma` and their
+    derivatives are finite on all of [0, 1]; at t = 1, `alpha = exp(logsnr_min / 2) ~ 3e-7`.
+    """
+
+    shift: float = eqx.field(default=0.0, static=True)
+    logsnr_min: float = eqx.field(default=-30.0, static=True)
+    logsnr_max: float = eqx.field(default=30.0, static=True)
+
+    @classmethod
+    def for_resolution(cls, res: int, base: int = 64, **kw):
+        return cls(shift=2.0 * math.log(base / res), **kw)
+
+    def _t_range(self):
+        # t at which the (unclipped) shifted cosine log-SNR reaches the clip values.
+        t_lo = 2.0 / math.pi * math.atan(math.exp(-(self.logsnr_max - self.shift) / 2))
+        t_hi = 2.0 / math.pi * math.atan(math.exp(-(self.logsnr_min - self.shift) / 2))
+        return t_lo, t_hi
+
+    def logsnr(self, t):
+        t = jnp.clip(jnp.asarray(t, jnp.float32), *self._t_range())
+        lam = -2.0 * jnp.log(jnp.tan(0.5 * jnp.pi * t)) + self.shift
+        return jnp.clip(lam, self.logsnr_min, self.logsnr_max)  # float32 rounding of tan near t = 1
+
+    def alpha_sigma(self, t):
+        lam = self.logsnr(t)
+        return jnp.sqrt(jax.nn.sigmoid(lam)), jnp.sqrt(jax.nn.sigmoid(-lam))
+
+    def time(self, logsnr):
+        """Inverse of `logsnr` on the unclipped range."""
+        return 2.0 / jnp.pi * jnp.arctan(jnp.exp(-(jnp.asarray(logsnr) - self.shift) / 2))
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward process and posterior (Eq. 1-2).
+
+
+def diffuse(schedule: Schedule, x, t, noise):
+    """Forward diffusion `z_t = alpha_t x + sigma_t noise` (a draw from q(z_t | x))."""
+    alpha, sigma = schedule.alpha_sigma(bcast(t, x))
+    return alpha * x + sigma * noise
+
+
+def posterior(schedule: Schedule, z_t, x, t, s):
+    """Mean and std of q(z_s | z_t, x) for 0 <= s <= t <= 1 (Eq. 1-2), in a form finite at s = t.
+
+    With `r = 1 - exp(lambda_t - lambda_s)` (computed as `-expm1`):
+        mean = (alpha_t sigma_s^2 / (alpha_s sigma_t^2)) z_t + alpha_s r x,   var = sigma_s^2 r.
+    The paper's `(1/sigma_s^2 + alpha_{t|s}^2/sigma_{t|s}^2)^-1` divides by `sigma_{t|s}^2 = 0` at
+    s = t, which Algorithm 2 hits whenever `s + delta` is clipped to 1; this form gives `z_t` there.
+
+    **Arguments:**
+    - `z_t`, `x`: `(*batch, *data)`.
+    - `t`, `s`: scalars or `(*batch,)`, `s <= t`.
+
+    **Returns:** `(mean, std)`, `mean` shaped like `z_t`, `std` broadcastable to it.
+    """
+    check_times(t, s)
+    lt, ls = schedule.logsnr(bcast(t, z_t)), schedule.logsnr(bcast(s, z_t))
+    alpha_s, sigma_s = schedule.alpha_sigma(bcast(s, z_t))
+    _, sigma_t = schedule.alpha_sigma(bcast(t, z_t))
+    r = -jnp.expm1(jnp.minimum(lt - ls, 0.0))  # in [0, 1]; the min guards rounding when s = t
+    # alpha_t sigma_s^2 / (alpha_s sigma_t^2) = exp((lt - ls) / 2) sigma_s / sigma_t
+    coef_z = jnp.exp(0.5 * jnp.minimum(lt - ls, 0.0)) * sigma_s / sigma_t
+    mean = coef_z * z_t + alpha_s * r * x
+    std = sigma_s * jnp.sqrt(r)
+    return mean, std
+
+
+# ----------------------------------------------------------------------------------------------
+# Samplers (Algorithm 1 and its deterministic and marginal variants).
+
+
+def ancestral_step(schedule, z_t, x_hat, t, s, key):
+    """z_s ~ q(z_s | z_t, x_hat): Algorithm 1's update."""
+    mean, std = posterior(schedule, z_t, x_hat, t, s)
+    return mean + std * jr.normal(key, z_t.shape, z_t.dtype)
+
+
+def ddim_step(schedule, z_t, x_hat, t, s, key):
+    """DDIM (Song et al. 2021): keep the implied noise, `z_s = alpha_s x_hat + sigma_s eps_hat`."""
+    del key
+    alpha_t, sigma_t = schedule.alpha_sigma(bcast(t, z_t))
+    alpha_s, sigma_s = schedule.alpha_sigma(bcast(s, z_t))
+    eps_hat = (z_t - alpha_t * x_hat) / sigma_t
+    return alpha_s * x_hat + sigma_s * eps_hat
+
+
+def marginal_step(schedule, z_t, x_hat, t, s, key):
+    """Re-noise with fresh noise, z_s ~ q(z_s | x_hat) (DMD2's multi-step generator; paper Sec. 5.2)."""
+    del t
+    return diffuse(schedule, x_hat, s, jr.normal(key, z_t.shape, z_t.dtype))
+
+
+STEPS = {"ancestral": ancestral_step, "ddim": ddim_step, "marginal": marginal_step}
+
+
+def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, step: str = "ancestral"):
+    """Sample on the uniform grid t = 1, (k-1)/k, ..., 1/k as one `lax.scan` (Algorithm 1).
+
+    **Arguments:**
+    - `denoiser`: unbatched `denoiser(z, t) -> x_hat`; it is `vmap`ped over the leading axis.
+    - `key`: PRNG key; step i uses `fold_in(key, i)`, the initial noise `fold_in(key, num_steps)`.
+    - `shape`: batch shape of the samples, e.g. `(n, d)` or `(n, h, w, c)`.
+    - `num_steps`: k >= 1, a Python int.
+    - `step`: `"ancestral"` (posterior re-noising), `"ddim"` or `"marginal"`.
+
+    **Returns:** the last `x_hat`, shaped `shape`.
+    """
+    check_num_steps(num_steps)
+    if step not in STEPS:
+        raise ValueError(f"unknown step {step!r}; choose one of {sorted(STEPS)}")
+    step_fn = STEPS[step]
+    batched = jax.vmap(denoiser, in_axes=(0, None))
+    z1 = jr.normal(jr.fold_in(key, num_steps), shape)
+
+    def body(z_t, i):
+        t = 1.0 - i / num_steps
+        s = jnp.maximum(t - 1.0 / num_steps, 0.0)
+        x_hat = batched(z_t, t)
+        return step_fn(schedule, z_t, x_hat, t, s, jr.fold_in(key, i)), x_hat
+
+    _, x_hats = jax.lax.scan(body, z1, jnp.arange(num_steps))
+    return x_hats[-1]
+
+
+def ancestral_sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int):
+    """Algorithm 1: `x_hat = g(z_t, t)`, `z_s ~ q(z_s | z_t, x_hat)`; returns the last `x_hat`."""
+    return sample(denoiser, schedule, key, shape, num_steps, "ancestral")
+
+
+def ddim_sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int):
+    """Deterministic DDIM sampler on Algorithm 1's grid (the key only draws z_1)."""
+    return sample(denoiser, schedule, key, shape, num_steps, "ddim")
+
+
+# ----------------------------------------------------------------------------------------------
+# Time distributions and loss weights (Sec. 3.3).
+
+SIGMA_MIN, SIGMA_MAX, RHO = 0.002, 80.0, 7.0
+
+
+def edm_sigma(u, smin=SIGMA_MIN, smax=SIGMA_MAX, rho=RHO):
+    """EDM's test-time noise levels (Karras et al. 2022, Eq. 5) as a continuous map of u in [0, 1]."""
+    return (smax ** (1 / rho) + u * (smin ** (1 / rho) - smax ** (1 / rho))) ** rho
+
+
+def edm_time(schedule: Schedule, key, shape, smin=SIGMA_MIN, smax=SIGMA_MAX, rho=RHO):
+    """Draw s ~ p(s): EDM's test-time schedule mapped to VP time through `lambda = -2 log sigma_edm`.
+
+    The schedule's shift moves log-SNR, so `schedule.logsnr(s) = -2 log sigma_edm + shift`.
+    """
+    sigma = edm_sigma(jr.uniform(key, shape), smin, smax, rho)
+    return schedule.time(-2.0 * jnp.log(sigma) + schedule.shift)
+
+
+def edm_weight(schedule: Schedule, t, sigma_data=0.5):
+    """EDM's weight for an x-prediction loss, `(sigma^2 + sigma_data^2) / (sigma sigma_data)^2`.
+
+    `sigma = exp(-lambda_t / 2)` is the EDM noise level of VP time t.
+    """
+    sigma2 = jnp.exp(-schedule.logsnr(t))
+    return (sigma2 + sigma_data**2) / (sigma2 * sigma_data**2)
+
+
+def flat_weight(schedule: Schedule, t):
+    """w(s) = 1, recommended by Sec. 3.3 for k = 1, 2."""
+    return jnp.ones_like(jnp.asarray(t, jnp.float32))
+
+
+def dmd_weight(x, x_teacher):
+    """DMD's adaptive weight `1 / mean|x - x_teacher|` per example (stop-gradient), Yin et al. 2023.
+
+    `x`, `x_teacher`: `(B, *data)`; returns `(B,)`.
+    """
+    err = einops.reduce(jnp.abs(x - x_teacher), "b ... -> b", "mean")
+    return jax.lax.stop_gradient(1.0 / jnp.maximum(err, 1e-6))

@@ -1,0 +1,331 @@
+"""Property tests of the foundation: noise process, posterior (Eq. 1-2), exact denoisers, samplers.
+
+Every Monte-Carlo assertion uses a tolerance derived from its sample size (a multiple of the
+standard error), and each property has a companion test showing that a deliberately wrong variant
+fails the same check.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from models import GaussianDenoiser, MixtureDenoiser, MLPDenoiser
+from sampling import (
+    Schedule,
+    ancestral_sample,
+    ddim_sample,
+    diffuse,
+    edm_time,
+    edm_weight,
+    posterior,
+    sample,
+)
+
+SCHED = Schedule()
+N_MC = 40_000
+Z = 5.0  # standard errors allowed in a Monte-Carlo check
+
+times = st.floats(0.0, 1.0, allow_nan=False)
+seeds = st.integers(0, 2**31 - 1)
+
+
+def random_cov(rng, d, lo=0.05, hi=2.0):
+    """A random SPD matrix with eigenvalues in [lo, hi]."""
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return (q * rng.uniform(lo, hi, d)) @ q.T
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Posterior consistency: z_t ~ q(z_t | x), z_s ~ q(z_s | z_t, x)  =>  z_s ~ N(alpha_s x, sigma_s^2).
+
+
+@functools.partial(jax.jit, static_argnames="wrong_std")
+def _two_stage(key, x, t, s, wrong_std=False):
+    k1, k2 = jr.split(key)
+    xs = jnp.broadcast_to(x, (N_MC,) + x.shape)
+    z_t = diffuse(SCHED, xs, t, jr.normal(k1, xs.shape))
+    mean, std = posterior(SCHED, z_t, xs, t, s)
+    if wrong_std:  # the bug we must catch: posterior std replaced by sigma_s
+        std = SCHED.alpha_sigma(s)[1]
+    return mean + std * jr.normal(k2, xs.shape)
+
+
+def _marginal_ok(z_s, x, s):
+    alpha_s, sigma_s = SCHED.alpha_sigma(s)
+    m_err = np.abs(np.mean(z_s, 0) - alpha_s * x)
+    v_err = np.abs(np.var(z_s, 0) - sigma_s**2)
+    m_tol = Z * sigma_s / np.sqrt(N_MC) + 1e-5
+    v_tol = Z * sigma_s**2 * np.sqrt(2.0 / N_MC) + 1e-6
+    return bool(np.all(m_err < m_tol) and np.all(v_err < v_tol))
+
+
+@given(seed=seeds, t=times, u=st.floats(0.0, 1.0))
+def test_posterior_marginalises_to_forward_diffusion(seed, t, u):
+    s = u * t
+    x = jr.normal(jr.key(seed), (3,)) * 2
+    assert _marginal_ok(_two_stage(jr.key(seed + 1), x, t, s), x, s)
+
+
+@given(t=times, u=st.floats(0.0, 1.0))
+def test_posterior_closed_form_algebra(t, u):
+    # E[z_s] = c alpha_t x + alpha_s r x = alpha_s x and Var = c^2 sigma_t^2 + std^2 = sigma_s^2,
+    # with c the coefficient on z_t; read c and the x-coefficient off the (linear) posterior mean.
+    s = u * t
+    mean_z, std = posterior(SCHED, jnp.ones(()), jnp.zeros(()), t, s)
+    mean_x, _ = posterior(SCHED, jnp.zeros(()), jnp.ones(()), t, s)
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = SCHED.alpha_sigma(t), SCHED.alpha_sigma(s)
+    np.testing.assert_allclose(mean_z * alpha_t + mean_x, alpha_s, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(mean_z**2 * sigma_t**2 + std**2, sigma_s**2, rtol=1e-4, atol=1e-6)
+
+
+def test_posterior_check_bites_on_wrong_std():
+    x, t, s = jnp.array([1.0, -0.5, 2.0]), 0.5, 0.3
+    assert _marginal_ok(_two_stage(jr.key(0), x, t, s), x, s)
+    assert not _marginal_ok(_two_stage(jr.key(0), x, t, s, wrong_std=True), x, s)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Limits, and finiteness on the whole (s, t) square.
+
+
+@given(seed=seeds, t=times)
+def test_posterior_limits(seed, t):
+    z_t, x = jr.normal(jr.key(seed), (2, 4))
+    mean, std = posterior(SCHED, z_t, x, t, t)  # s = t: stay at z_t
+    np.testing.assert_allclose(mean, z_t, atol=1e-5)
+    assert np.all(std == 0)
+    mean, std = posterior(SCHED, z_t, x, max(t, 0.01), 0.0)  # s = 0 < t: land on x
+    np.testing.assert_allclose(mean, x, atol=1e-5)
+    assert np.all(std < 1e-6)
+    s = 0.7 * t  # t = 1: forget z_t, q(z_s | x)
+    mean, std = posterior(SCHED, z_t, x, 1.0, s)
+    alpha_s, sigma_s = SCHED.alpha_sigma(s)
+    np.testing.assert_allclose(mean, alpha_s * x, atol=1e-5)
+    np.testing.assert_allclose(std, sigma_s, rtol=1e-5)
+
+
+def _paper_posterior(z_t, x, t, s):
+    """Eq. 2 as printed: var = (1/sigma_s^2 + alpha_ts^2 / sigma_ts^2)^-1 (the unstable form)."""
+    (a_t, s_t), (a_s, s_s) = SCHED.alpha_sigma(t), SCHED.alpha_sigma(s)
+    a_ts = a_t / a_s
+    var_ts = s_t**2 - a_ts**2 * s_s**2
+    var = 1.0 / (1.0 / s_s**2 + a_ts**2 / var_ts)
+    return var * (a_ts / var_ts * z_t + a_s / s_s**2 * x), jnp.sqrt(var)
+
+
+def _finite_on_square(post):
+    grid = jnp.linspace(0.0, 1.0, 41)
+    t, s = jnp.meshgrid(grid, grid)
+    t, s = t.ravel(), jnp.minimum(s.ravel(), t.ravel())
+    z_t, x = jnp.ones((t.size, 2)), -jnp.ones((t.size, 2))
+    mean, std = post(z_t, x, t, s)
+    grad_x = jax.grad(lambda x: jnp.sum(post(z_t, x, t, s)[0]))(x)
+    return all(bool(jnp.all(jnp.isfinite(a))) for a in (mean, std, grad_x))
+
+
+def test_posterior_finite_everywhere_and_naive_form_is_not():
+    assert _finite_on_square(functools.partial(posterior, SCHED))
+    # the check bites: the paper's printed form divides by zero at s = t
+    assert not _finite_on_square(lambda z, x, t, s: _paper_posterior(z, x, t[:, None], s[:, None]))
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Exact denoisers against an independent computation.
+
+
+def _joint_gaussian_posterior(mu, cov, z, alpha, sigma):
+    """E[x | z] and Cov[x | z] from the precision matrix of the joint Gaussian of (x, z), in float64."""
+    d = mu.size
+    joint = np.block([[cov, alpha * cov], [alpha * cov, alpha**2 * cov + sigma**2 * np.eye(d)]])
+    prec = np.linalg.inv(joint)
+    pxx, pxz = prec[:d, :d], prec[:d, d:]
+    cond_cov = np.linalg.inv(pxx)
+    return mu - cond_cov @ pxz @ (z - alpha * mu), cond_cov
+
+
+@given(seed=seeds, t=st.floats(0.01, 0.99))
+def test_gaussian_denoiser_matches_joint_gaussian(seed, t):
+    rng = np.random.default_rng(seed)
+    d = 4
+    mu, cov, z = rng.normal(size=d), random_cov(rng, d), rng.normal(size=d)
+    den = GaussianDenoiser(mu, cov)
+    alpha, sigma = (float(a) for a in SCHED.alpha_sigma(t))
+    want_mean, want_cov = _joint_gaussian_posterior(mu, cov, z, alpha, sigma)
+    np.testing.assert_allclose(den(jnp.asarray(z, jnp.float32), t), want_mean, rtol=1e-3, atol=1e-3)
+    np.testing.assert_allclose(den.posterior_cov(t), want_cov, rtol=1e-3, atol=1e-3)
+    one = MixtureDenoiser([1.0], mu[None], cov[None])
+    np.testing.assert_allclose(one(jnp.asarray(z, jnp.float32), t), den(jnp.asarray(z, jnp.float32), t), atol=1e-5)
+
+
+def _mc_posterior_mean(key, sampler, z0, alpha, sigma, n=400_000):
+    """Self-normalised importance estimate of E[x | z = z0] with x from the prior, and its std error."""
+    x = sampler(key, n)[:, 0]
+    logw = -0.5 * ((z0 - alpha * x) / sigma) ** 2
+    w = np.exp(logw - logw.max())
+    w = w / w.sum()
+    est = np.sum(w * x)
+    se = np.sqrt(np.sum(w**2 * (x - est) ** 2))
+    return est, se
+
+
+MIX1D = dict(weights=[0.25, 0.75], means=[[-1.0], [1.5]], covs=[[[0.3]], [[0.1]]])
+
+
+@given(seed=seeds, t=st.floats(0.2, 0.8), z0=st.floats(-2.0, 2.0))
+def test_exact_denoisers_match_monte_carlo_1d(seed, t, z0):
+    alpha, sigma = (float(a) for a in SCHED.alpha_sigma(t))
+    mix = MixtureDenoiser(**MIX1D)
+    est, se = _mc_posterior_mean(jr.key(seed), mix.sample, z0, alpha, sigma)
+    assert abs(float(mix(jnp.array([z0]), t)[0]) - est) < Z * se + 1e-3
+    gauss = GaussianDenoiser([0.5], [[2.0]])
+    est, se = _mc_posterior_mean(jr.key(seed), gauss.sample, z0, alpha, sigma)
+    assert abs(float(gauss(jnp.array([z0]), t)[0]) - est) < Z * se + 1e-3
+
+
+def test_monte_carlo_check_bites_on_wrong_weights():
+    t, z0 = 0.5, 0.3
+    alpha, sigma = (float(a) for a in SCHED.alpha_sigma(t))
+    est, se = _mc_posterior_mean(jr.key(0), MixtureDenoiser(**MIX1D).sample, z0, alpha, sigma)
+    wrong = MixtureDenoiser(**{**MIX1D, "weights": [0.5, 0.5]})  # responsibilities ignore the weights
+    assert abs(float(wrong(jnp.array([z0]), t)[0]) - est) > Z * se + 1e-3
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Samplers with the exact teacher converge to the data distribution as num_steps grows.
+
+N_SAMPLES = 20_000
+
+
+def _wrong_std_sampler(den, key, shape, k):
+    """Ancestral sampling whose re-noising uses sigma_s instead of the posterior std (a bug)."""
+
+    def body(z, i):
+        t, s = 1.0 - i / k, jnp.maximum(1.0 - (i + 1) / k, 0.0)
+        x_hat = jax.vmap(den, (0, None))(z, t)
+        mean, _ = posterior(SCHED, z, x_hat, t, s)
+        return mean + SCHED.alpha_sigma(s)[1] * jr.normal(jr.fold_in(key, i), z.shape), x_hat
+
+    return jax.lax.scan(body, jr.normal(key, shape), jnp.arange(k))[1][-1]
+
+
+def sampler_error(x, mu, cov):
+    """Relative error of sample mean and covariance: (|m - mu| + ||C - S||_F) / ||S||_F."""
+    m, c = np.mean(x, 0), np.cov(np.asarray(x, np.float64).T)
+    return (np.linalg.norm(m - mu) + np.linalg.norm(c - cov)) / np.linalg.norm(cov)
+
+
+def sampler_noise_floor(cov, n=N_SAMPLES):
+    """Standard error of `sampler_error` for exact samples (from the variance of a Wishart matrix)."""
+    var_c = (cov**2 + np.outer(np.diag(cov), np.diag(cov))) / n
+    return (np.sqrt(np.trace(cov) / n) + np.sqrt(var_c.sum())) / np.linalg.norm(cov)
+
+
+@functools.lru_cache(maxsize=None)
+def _jitted(kind, k):
+    fn = {"ancestral": ancestral_sample, "ddim": ddim_sample, "wrong": None}[kind]
+    if kind == "wrong":
+        return jax.jit(lambda den, key: _wrong_std_sampler(den, key, (N_SAMPLES, den.mean.size), k))
+    return jax.jit(lambda den, key: fn(den, SCHED, key, (N_SAMPLES, den.mean.size), k))
+
+
+@pytest.mark.parametrize("kind", ["ancestral", "ddim"])
+@given(seed=seeds, d=st.sampled_from([2, 8]))
+def test_sampler_converges_with_exact_teacher(kind, seed, d):
+    rng = np.random.default_rng(seed)
+    mu, cov = rng.normal(size=d), random_cov(rng, d, 0.02, 1.0)
+    den = GaussianDenoiser(mu, cov)
+    errs = {k: sampler_error(_jitted(kind, k)(den, jr.key(seed)), mu, cov) for k in (1, 4, 64, 512)}
+    floor = sampler_noise_floor(cov)
+    one = _jitted(kind, 1)(den, jr.key(seed))
+    assert np.max(np.abs(one - mu)) < 1e-3  # one step returns the mean only
+    assert errs[1] > 0.9  # ... so the covariance is entirely missing
+    assert errs[1] > errs[4] > errs[64]  # the error falls with the number of steps
+    assert errs[512] < Z * floor  # and reaches the Monte-Carlo noise floor
+
+
+def test_sampler_check_bites_on_wrong_variance():
+    rng = np.random.default_rng(0)
+    mu, cov = rng.normal(size=4), random_cov(rng, 4, 0.02, 1.0)
+    den = GaussianDenoiser(mu, cov)
+    err = sampler_error(_jitted("wrong", 512)(den, jr.key(0)), mu, cov)
+    assert err > Z * sampler_noise_floor(cov)
+
+
+RING2 = dict(weights=[0.3, 0.7], means=[[-2.0, 0.0], [2.0, 0.0]], covs=[np.eye(2) * 0.1] * 2)
+
+
+def _component_fractions(x):
+    return np.array([np.mean(x[:, 0] < 0), np.mean(x[:, 0] >= 0)])
+
+
+@pytest.mark.parametrize("k, recovers", [(256, True), (1, False)])
+def test_ancestral_recovers_mixture_weights(k, recovers):
+    mix = MixtureDenoiser(**RING2)
+    x = jax.jit(lambda key: ancestral_sample(mix, SCHED, key, (N_SAMPLES, 2), k))(jr.key(3))
+    se = np.sqrt(0.3 * 0.7 / N_SAMPLES)
+    ok = np.all(np.abs(_component_fractions(np.asarray(x)) - np.array(RING2["weights"])) < Z * se)
+    assert ok == recovers  # k = 1 returns the overall mean, which sits in the heavier component
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Jit, vmap, vector and image shapes.
+
+
+@pytest.mark.parametrize("shape", [(16, 3), (4, 8, 8, 3)])
+def test_shapes_jit_and_vmap(shape):
+    key = jr.key(0)
+    x = jr.normal(key, shape)
+    t = jr.uniform(jr.fold_in(key, 1), shape[:1])
+    s = t * 0.5
+    z = jax.jit(diffuse, static_argnums=0)(SCHED, x, t, jr.normal(key, shape))
+    mean, std = jax.jit(posterior, static_argnums=0)(SCHED, z, x, t, s)
+    assert mean.shape == shape and jnp.broadcast_shapes(std.shape, shape) == shape
+    one = jax.vmap(lambda z, x, t, s: posterior(SCHED, z, x, t, s)[0])(z, x, t, s)
+    np.testing.assert_allclose(one, mean, atol=1e-6)
+    for step in ("ancestral", "ddim", "marginal"):
+        out = jax.jit(lambda key: sample(lambda z, t: 0.5 * z, SCHED, key, shape, 3, step))(key)
+        assert out.shape == shape and bool(jnp.all(jnp.isfinite(out)))
+
+
+def test_mlp_denoiser_and_time_distribution():
+    net = MLPDenoiser(3, key=jr.key(0))
+    out = jax.jit(jax.vmap(net))(jnp.ones((5, 3)), jnp.linspace(0, 1, 5))
+    assert out.shape == (5, 3) and bool(jnp.all(jnp.isfinite(out)))
+    s = edm_time(SCHED, jr.key(0), (100_000,))
+    sig = np.exp(-np.asarray(SCHED.logsnr(s)) / 2)  # EDM sigma back from VP time
+    assert sig.min() >= 0.002 * 0.999 and sig.max() <= 80 * 1.001
+    # median of EDM's rho = 7 schedule: u = 1/2
+    med = (80 ** (1 / 7) + 0.5 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
+    assert abs(np.median(sig) / med - 1) < 0.05
+    w = edm_weight(SCHED, jnp.array([0.5]))  # sigma_edm = 1: (1 + 1/4) / (1/4)
+    np.testing.assert_allclose(w, 5.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_input_errors():
+    z = jnp.zeros((2, 3))
+    with pytest.raises(ValueError, match=r"t must lie in \[0, 1\]"):
+        posterior(SCHED, z, z, 1.5, 0.2)
+    with pytest.raises(ValueError, match=r"s must lie in \[0, 1\]"):
+        posterior(SCHED, z, z, 0.5, -0.1)
+    with pytest.raises(ValueError, match="s <= t"):
+        posterior(SCHED, z, z, 0.3, 0.6)
+    with pytest.raises(ValueError, match="num_steps must be an integer >= 1"):
+        ancestral_sample(lambda z, t: z, SCHED, jr.key(0), (2, 3), 0)
+    with pytest.raises(ValueError, match="positive definite"):
+        GaussianDenoiser(jnp.zeros(2), jnp.array([[1.0, 0.0], [0.0, -1.0]]))
+    with pytest.raises(ValueError, match="sum to 1"):
+        MixtureDenoiser([0.5, 0.6], jnp.zeros((2, 2)), jnp.stack([jnp.eye(2)] * 2))
+    with pytest.raises(ValueError, match="shape"):
+        GaussianDenoiser(jnp.zeros(3), jnp.eye(2))
+    with pytest.raises(ValueError, match="unknown step"):
+        sample(lambda z, t: z, SCHED, jr.key(0), (2, 3), 2, "euler")
