@@ -221,6 +221,19 @@ def edm_time(schedule: Schedule, key, shape, smin=SIGMA_MIN, smax=SIGMA_MAX, rho
     return schedule.time(-2.0 * jnp.log(sigma) + schedule.shift)
 
 
+def edm_train_time(schedule: Schedule, key, shape, p_mean=-1.2, p_std=1.2):
+    """EDM's training distribution, log sigma ~ N(p_mean, p_std^2), mapped to VP time (for teachers)."""
+    log_sigma = p_mean + p_std * jr.normal(key, shape)
+    return jnp.clip(schedule.time(-2.0 * log_sigma + schedule.shift), 0.0, 1.0)
+
+
+def karras_grid_time(schedule: Schedule, key, shape, lo=0.02, hi=0.98, levels=1000):
+    """DMD2's noise levels: a uniform index in [lo, hi] of a `levels`-point Karras grid (sigma 0.002..80, rho 7)."""
+    idx = jr.randint(key, shape, int(lo * levels), int(hi * levels) + 1)
+    sigma = edm_sigma(1.0 - idx / (levels - 1))  # index 0 = sigma_min, as in DMD2's code
+    return schedule.time(-2.0 * jnp.log(sigma) + schedule.shift)
+
+
 def edm_weight(schedule: Schedule, t, sigma_data=0.5):
     """EDM's weight for an x-prediction loss, `(sigma^2 + sigma_data^2) / (sigma sigma_data)^2`.
 

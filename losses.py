@@ -1,0 +1,294 @@
+"""The distillation objectives as pure, jittable functions.
+
+Moment matching: Salimans et al., "Multistep Distillation of Diffusion Models via Moment Matching",
+NeurIPS 2024 (equation and algorithm numbers are theirs). DMD2: Yin et al., "Improved Distribution
+Matching Distillation for Fast Image Synthesis", NeurIPS 2024 (details from the official code).
+
+Conventions:
+- Models are unbatched denoisers `model(z, t[, label]) -> x_hat`; `apply` vmaps them.
+- Batches: `x`, `z` are `(B, *data)`, times `(B,)`, labels `(B,)` int or None.
+- `||a||^2` and `a^T b` are averaged over the data dimensions (as EDM does); that rescales every loss by
+  the constant 1/D and leaves every identity below (Eq. 6 = 8 = 9 up to documented factors) intact.
+- `sg` is `jax.lax.stop_gradient`. Gradients reach only what the docstring says they reach.
+"""
+
+from typing import NamedTuple, Optional
+
+import einops
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+
+from sampling import Schedule, bcast, diffuse, dmd_weight, edm_time, edm_weight, flat_weight, posterior
+
+sg = jax.lax.stop_gradient
+WEIGHTINGS = ("edm", "flat", "dmd")
+ZS_SAMPLING = ("posterior", "marginal")
+
+
+def apply(model, z, t, label=None):
+    """Evaluate an unbatched denoiser on a batch: `(B, *data), (B,) -> (B, *data)`."""
+    if label is None:
+        return jax.vmap(model)(z, t)
+    return jax.vmap(model)(z, t, label)
+
+
+def features(model, z, t, label=None):
+    """Batched bottleneck features `model.features(z, t[, label])` (read by DMD2's discriminator)."""
+    if label is None:
+        return jax.vmap(model.features)(z, t)
+    return jax.vmap(model.features)(z, t, label)
+
+
+def sqnorm(a):
+    """`||a||^2 / D` per example: `(B, *data) -> (B,)`."""
+    return einops.reduce(a**2, "b ... -> b", "mean")
+
+
+def inner(a, b):
+    """`a^T b / D` per example: `(B, *data) -> (B,)`."""
+    return einops.reduce(a * b, "b ... -> b", "mean")
+
+
+def loss_weight(weighting, schedule: Schedule, s, x, x_teacher):
+    """w(s) of Sec. 3.3: `"edm"`, `"flat"`, `"dmd"` (1 / mean|x - x_teacher|, stop-gradient), or a callable."""
+    if callable(weighting):
+        return weighting(schedule, s, x, x_teacher)
+    if weighting == "edm":
+        return edm_weight(schedule, s)
+    if weighting == "flat":
+        return flat_weight(schedule, s)
+    if weighting == "dmd":
+        return dmd_weight(x, x_teacher)
+    raise ValueError(f"unknown weighting {weighting!r}; choose one of {WEIGHTINGS} or pass a callable")
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier-free guidance of the teacher (Sec. 3.3).
+
+
+class GuidedTeacher(eqx.Module):
+    """A teacher with classifier-free guidance and prediction clipping, differentiated straight-through.
+
+    Value: `x_c + scale (x_c - x_u)` (scale 0 is the unguided prediction; DMD2's "guidance 1.75" is
+    scale 0.75 here), clipped to `[-clip, clip]` if `clip` is set. Gradient (in x and in parameters,
+    so also inside Algorithm 3's JVP): that of the unmodified conditional teacher `x_c`, the
+    straight-through approximation of Sec. 3.3. `model(z, t, None)` must be the unconditional (null class).
+    """
+
+    model: eqx.Module
+    scale: float = eqx.field(static=True, default=0.0)
+    clip: Optional[float] = eqx.field(static=True, default=None)
+
+    def __check_init__(self):
+        if self.scale < 0:
+            raise ValueError(f"guidance scale must be >= 0; got {self.scale}")
+
+    def __call__(self, z, t, label=None):
+        plain = self.model(z, t) if label is None else self.model(z, t, label)
+        guided = plain
+        if self.scale != 0.0:
+            guided = plain + self.scale * (plain - self.model(z, t, None))
+        if self.clip is not None:
+            guided = jnp.clip(guided, -self.clip, self.clip)
+        return plain + sg(guided - plain)
+
+    def features(self, z, t, label=None):
+        return self.model.features(z, t) if label is None else self.model.features(z, t, label)
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher / fake score: the ordinary diffusion loss (Sec. 2.1).
+
+
+def diffusion_loss(model, schedule: Schedule, x, t, noise, weighting="edm", label=None):
+    """`E w(t) ||x - g(z_t)||^2` with `z_t = alpha_t x + sigma_t noise`; trains teachers and DMD2's fake score."""
+    z = diffuse(schedule, x, t, noise)
+    pred = apply(model, z, t, label)
+    w = loss_weight(weighting, schedule, t, x, sg(pred))
+    return jnp.mean(w * sqnorm(x - pred))
+
+
+def regression_loss(model, target, schedule: Schedule, x, t, noise, weighting="edm", label=None):
+    """`E w(t) ||target(z_t) - g(z_t)||^2`: fit a network to another denoiser (e.g. an exact teacher)."""
+    z = diffuse(schedule, x, t, noise)
+    want, pred = sg(apply(target, z, t, label)), apply(model, z, t, label)
+    return jnp.mean(loss_weight(weighting, schedule, t, want, sg(pred)) * sqnorm(want - pred))
+
+
+# ----------------------------------------------------------------------------------------------
+# Moment matching, Algorithm 2 (alternating).
+
+
+class Noised(NamedTuple):
+    """One minibatch of Algorithm 2/3 lines 1-3: noisy data `z_t` and times `t >= s`."""
+
+    z_t: jax.Array  # (B, *data)
+    t: jax.Array  # (B,)
+    s: jax.Array  # (B,)
+    key: jax.Array  # noise for z_s
+    label: Optional[jax.Array] = None  # (B,) or None
+
+
+def sample_times(schedule: Schedule, key, batch: int, k: int):
+    """Algorithm 2, lines 1-2: `s ~ p(s)` (EDM test-time schedule), `t = min(s + delta, 1)`, delta ~ U[0, 1/k]."""
+    ks, kd = jr.split(key)
+    s = edm_time(schedule, ks, (batch,))
+    return jnp.minimum(s + jr.uniform(kd, (batch,)) / k, 1.0), s
+
+
+def noised_batch(schedule: Schedule, x, key, k: int, label=None) -> Noised:
+    """Algorithm 2, lines 1-3: times, then forward diffusion of data `x` to `z_t`."""
+    kt, kn, kz = jr.split(key, 3)
+    t, s = sample_times(schedule, kt, x.shape[0], k)
+    return Noised(diffuse(schedule, x, t, jr.normal(kn, x.shape)), t, s, kz, label)
+
+
+def generate(generator, schedule: Schedule, batch: Noised, zs_sampling="posterior"):
+    """Algorithm 2, line 4: `x~ = g_eta(z_t)`, then `z_s ~ q(z_s | z_t, x~)` (stop-gradient on z_s).
+
+    `zs_sampling="marginal"` draws `z_s ~ q(z_s | x~)` instead (the ablation of Sec. 5.2).
+    Returns `(x~, z_s)`; gradients reach `x~` only.
+    """
+    x = apply(generator, batch.z_t, batch.t, batch.label)
+    noise = jr.normal(batch.key, x.shape)
+    if zs_sampling == "posterior":
+        mean, std = posterior(schedule, batch.z_t, sg(x), batch.t, batch.s)
+        z_s = mean + std * noise
+    elif zs_sampling == "marginal":
+        z_s = diffuse(schedule, sg(x), batch.s, noise)
+    else:
+        raise ValueError(f"unknown zs_sampling {zs_sampling!r}; choose one of {ZS_SAMPLING}")
+    return x, sg(z_s)
+
+
+def auxiliary_loss(aux, teacher, schedule: Schedule, x_tilde, z_s, s, weighting="edm", label=None):
+    """Algorithm 2, even steps: `w(s){||sg(x~) - g_phi(z_s)||^2 + ||g_theta(z_s) - g_phi(z_s)||^2}` over phi.
+
+    Its minimiser is `g_phi = (E_g[x~ | z_s] + g_theta(z_s)) / 2` (Sec. 3.1), which halves Eq. 6.
+    """
+    x_tilde, teacher_pred = sg(x_tilde), sg(apply(teacher, z_s, s, label))
+    pred = apply(aux, z_s, s, label)
+    w = loss_weight(weighting, schedule, s, x_tilde, teacher_pred)
+    return jnp.mean(w * (sqnorm(x_tilde - pred) + sqnorm(teacher_pred - pred)))
+
+
+def moment_matching_loss(x_tilde, aux_pred, teacher_pred, w):
+    """Eq. 6 with the auxiliary model (Algorithm 2, odd steps): `w(s) x~^T sg[g_phi(z_s) - g_theta(z_s)]`.
+
+    Array-level core, gradient through `x~` only; `w` is `(B,)`.
+    """
+    return jnp.mean(w * inner(x_tilde, sg(aux_pred - teacher_pred)))
+
+
+def generator_loss(generator, aux, teacher, schedule: Schedule, batch: Noised, weighting="edm", zs_sampling="posterior"):
+    """Algorithm 2, odd steps, end to end: generate `x~`, `z_s`, then Eq. 6 with the auxiliary model."""
+    x, z_s = generate(generator, schedule, batch, zs_sampling)
+    aux_pred, teacher_pred = apply(aux, z_s, batch.s, batch.label), apply(teacher, z_s, batch.s, batch.label)
+    w = loss_weight(weighting, schedule, batch.s, sg(x), sg(teacher_pred))
+    return moment_matching_loss(x, aux_pred, teacher_pred, w)
+
+
+def vsd_loss(generator, aux, teacher, schedule: Schedule, z_1, s, key, weighting="edm", label=None):
+    """Eq. 13 (VSD / Diff-Instruct): `(w(s) alpha_s^2 / sigma_s^2) x~^T sg[x_phi(z_s) - x_theta(z_s)]`, z_s ~ q(z_s | x~).
+
+    One-step generator `x~ = g_eta(z_1, 1)`. Equal to Algorithm 2 at k = 1 up to the factor alpha_s^2/sigma_s^2.
+    """
+    x = apply(generator, z_1, jnp.ones(z_1.shape[0]), label)
+    z_s = sg(diffuse(schedule, sg(x), s, jr.normal(key, x.shape)))
+    aux_pred, teacher_pred = apply(aux, z_s, s, label), apply(teacher, z_s, s, label)
+    alpha, sigma = schedule.alpha_sigma(s)
+    w = loss_weight(weighting, schedule, s, sg(x), sg(teacher_pred)) * alpha**2 / sigma**2
+    return moment_matching_loss(x, aux_pred, teacher_pred, w)
+
+
+# ----------------------------------------------------------------------------------------------
+# Moment matching, Algorithm 3 (instant, in the teacher's parameter space).
+
+
+def teacher_loss_grad(teacher, schedule: Schedule, x, z_s, s, weighting="edm", label=None):
+    """`grad_theta L_theta(x, z_s)`, `L_theta = w(s) ||x - g_theta(z_s)||^2` (Sec. 3.2), `x` and `z_s` held fixed.
+
+    Differentiable in `x` (Eq. 9 needs that; Algorithm 3 passes `sg(x~')`). Returns a tree shaped
+    like `eqx.filter(teacher, eqx.is_inexact_array)`.
+    """
+
+    def loss(model):
+        pred = apply(model, z_s, s, label)
+        return jnp.mean(loss_weight(weighting, schedule, s, sg(x), sg(pred)) * sqnorm(x - pred))
+
+    return eqx.filter_grad(loss)(teacher)
+
+
+def instant_loss(generator, teacher, precond, schedule: Schedule, batch: Noised, batch_prime: Noised,
+                 weighting="edm", zs_sampling="posterior", sign=-1.0):
+    """Eq. 8 / Algorithm 3: `-w(s) x~^T sg{J_theta g_theta(z_s) nu}`, `nu = Lambda grad_theta L_theta(x~', z_s')`.
+
+    **Arguments:**
+    - `precond`: Lambda, a tree like `eqx.filter(teacher, eqx.is_inexact_array)` (see `mmd.estimate_preconditioner`).
+    - `batch`, `batch_prime`: two independent minibatches (B on which eta is trained, B' for nu).
+    - `sign`: -1 is correct. One preconditioned step `phi = theta - lambda Lambda grad L` moves
+      `g_phi - g_theta` by `-lambda J nu`, so `(1/lambda) L_{phi(lambda)}(eta) -> -w x~^T J nu` (Eq. 7-8);
+      Eq. 8 as printed drops that minus. Appendix A agrees: with sign -1, the eta-gradient of this
+      surrogate is exactly 1/2 the eta-gradient of Eq. 9 (`test_losses.py` proves both).
+
+    **Returns:** `(surrogate, monitor)`. The surrogate only carries gradients. `monitor` is
+    `1/2 g^T Lambda g'` with g, g' the teacher gradients of the two batches: an unbiased estimate of
+    Eq. 9, `1/2 ||E grad_theta L_theta||^2_Lambda`, the informative loss of Sec. 5.4.
+    """
+    x_p, zs_p = generate(generator, schedule, batch_prime, zs_sampling)
+    grad = teacher_loss_grad(teacher, schedule, sg(x_p), zs_p, batch_prime.s, weighting, batch_prime.label)
+    nu = sg(jax.tree.map(lambda lam, g: lam * g, precond, grad))
+
+    x, z_s = generate(generator, schedule, batch, zs_sampling)
+    params, static = eqx.partition(teacher, eqx.is_inexact_array)
+    teacher_pred, j_nu = jax.jvp(lambda p: apply(eqx.combine(p, static), z_s, batch.s, batch.label), (params,), (nu,))
+    teacher_pred, j_nu = sg(teacher_pred), sg(j_nu)
+    w = loss_weight(weighting, schedule, batch.s, sg(x), teacher_pred)
+    surrogate = sign * jnp.mean(w * inner(x, j_nu))
+    monitor = -jnp.mean(w * inner(sg(x) - teacher_pred, j_nu))
+    return surrogate, monitor
+
+
+def eq9_moment(teacher, precond, schedule: Schedule, x, z_s, s, weighting="edm", label=None):
+    """Eq. 9 on one batch: `1/2 ||mean_batch grad_theta L_theta(x, sg(z_s))||^2_Lambda`, differentiable in `x`."""
+    grad = teacher_loss_grad(teacher, schedule, x, sg(z_s), s, weighting, label)
+    return 0.5 * sum(jnp.sum(lam * g**2) for lam, g in zip(jax.tree.leaves(precond), jax.tree.leaves(grad)))
+
+
+# ----------------------------------------------------------------------------------------------
+# DMD2 (Yin et al. 2024; official code).
+
+
+def distribution_matching_loss(x, real_pred, fake_pred):
+    """DMD2's distribution matching loss with its normalisation; its x-gradient is `grad / (B D)`,
+
+    `grad = (x_fake(z) - x_real(z)) / mean_dims|x - x_real(z)|`, the loss `0.5 ||x - sg(x - grad)||^2`.
+    """
+    norm = einops.reduce(jnp.abs(x - real_pred), "b ... -> b", "mean")
+    grad = sg((fake_pred - real_pred) / bcast(jnp.maximum(norm, 1e-6), x))
+    return 0.5 * jnp.mean(sqnorm(x - sg(x - grad)))
+
+
+def dmd_loss(x, real, fake, schedule: Schedule, t, noise, label=None):
+    """DMD2 generator loss on generator samples `x`: noise them to `t`, compare real and fake scores."""
+    z = sg(diffuse(schedule, x, t, noise))
+    real_pred, fake_pred = sg(apply(real, z, t, label)), sg(apply(fake, z, t, label))
+    return distribution_matching_loss(x, real_pred, fake_pred)
+
+
+def gan_generator_loss(head, fake, schedule: Schedule, x, t, noise, label=None):
+    """Non-saturating generator loss `softplus(-D(x))`, D = head on the fake score's features of noised x."""
+    z = diffuse(schedule, x, t, noise)
+    return jnp.mean(jax.nn.softplus(-jax.vmap(head)(features(fake, z, t, label))))
+
+
+def gan_discriminator_loss(head, fake, schedule: Schedule, x_real, x_fake, t_real, t_fake, keys, label_real=None, label_fake=None):
+    """Discriminator loss `softplus(D(fake)) + softplus(-D(real))`, both re-noised; gradients to head and fake."""
+    k_r, k_f = keys
+    z_r = diffuse(schedule, x_real, t_real, jr.normal(k_r, x_real.shape))
+    z_f = diffuse(schedule, sg(x_fake), t_fake, jr.normal(k_f, x_fake.shape))
+    r = jax.vmap(head)(features(fake, z_r, t_real, label_real))
+    f = jax.vmap(head)(features(fake, z_f, t_fake, label_fake))
+    return jnp.mean(jax.nn.softplus(f) + jax.nn.softplus(-r))

@@ -1,0 +1,357 @@
+"""One jitted update step per algorithm: teacher, alternating MM (Algorithm 2), instant MM (Algorithm 3), DMD2.
+
+Each step takes and returns a small state record; the frozen teacher is an argument and is never
+updated. Static choices (k, weighting, ...) live in frozen config dataclasses; optimisers are optax
+transformations passed in (defaults below follow each paper). `scan_steps` runs any step as a
+`lax.scan`, so a whole training phase compiles once.
+"""
+
+import dataclasses
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import optax
+
+import losses as L
+from models import DiscriminatorHead
+from sampling import Schedule, bcast, diffuse, edm_train_time, karras_grid_time
+
+sg = jax.lax.stop_gradient
+
+
+# ----------------------------------------------------------------------------------------------
+# Optimisers.
+
+
+def mm_optimiser(lr=1e-4, total_steps=200_000, warmup=1000, clip=1.0):
+    """Moment matching, App. B: Adam(b1=0, b2=0.99, eps=1e-12), linear warm-up then linear decay to 0, clip 1."""
+    warmup = min(warmup, max(total_steps // 2, 1))
+    sched = optax.join_schedules(
+        [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))], [warmup]
+    )
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=0.0, b2=0.99, eps=1e-12))
+
+
+def dmd2_optimiser(lr=2e-6, warmup=500, clip=10.0, weight_decay=0.01):
+    """DMD2 (official ImageNet-64 config): AdamW(0.9, 0.999), weight decay 0.01, 500 warm-up steps, clip 10."""
+    sched = optax.warmup_constant_schedule(0.0, lr, warmup)
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=0.999, weight_decay=weight_decay))
+
+
+def teacher_optimiser(lr=1e-3, total_steps=10_000, warmup=200, clip=1.0):
+    """Teacher training: Adam(0.9, 0.99), warm-up then cosine decay, clip 1 (the usual small-model recipe)."""
+    sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, total_steps // 2), max(total_steps, 2))
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=0.9, b2=0.99))
+
+
+# ----------------------------------------------------------------------------------------------
+# State records and configs.
+
+
+class Player(eqx.Module):
+    """A model being trained and its optimiser state."""
+
+    model: eqx.Module
+    opt_state: optax.OptState
+
+
+def init_player(model, optimiser) -> Player:
+    return Player(model, optimiser.init(eqx.filter(model, eqx.is_inexact_array)))
+
+
+def _apply_grads(player: Player, grads, optimiser) -> Player:
+    updates, opt_state = optimiser.update(grads, player.opt_state, eqx.filter(player.model, eqx.is_inexact_array))
+    return Player(eqx.apply_updates(player.model, updates), opt_state)
+
+
+class AlternatingState(eqx.Module):
+    generator: Player  # g_eta
+    aux: Player  # g_phi
+
+
+class Critic(eqx.Module):
+    fake: eqx.Module  # DMD2's fake score (a denoiser)
+    head: Optional[DiscriminatorHead]  # GAN classifier on fake's features
+
+
+class DMD2State(eqx.Module):
+    generator: Player
+    critic: Player  # Player(Critic(...))
+
+
+@dataclasses.dataclass(frozen=True)
+class MMConfig:
+    """Moment matching options (Algorithms 2 and 3)."""
+
+    k: int = 8  # sampling steps of the student
+    weighting: str = "edm"  # w(s): edm | flat | dmd (Sec. 3.3: flat or dmd for k = 1, 2)
+    zs_sampling: str = "posterior"  # posterior q(z_s|z_t,x~) | marginal q(z_s|x~) (Sec. 5.2)
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k (sampling steps) must be an integer >= 1; got {self.k!r}")
+        if self.weighting not in L.WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {L.WEIGHTINGS}")
+        if self.zs_sampling not in L.ZS_SAMPLING:
+            raise ValueError(f"unknown zs_sampling {self.zs_sampling!r}; choose one of {L.ZS_SAMPLING}")
+
+
+@dataclasses.dataclass(frozen=True)
+class DMD2Config:
+    """DMD2 options (official code defaults for ImageNet-64 where they apply)."""
+
+    k: int = 1  # generator steps (marginal re-noising between them)
+    ttur: int = 5  # critic updates per generator update (two time-scale update rule)
+    gan: bool = True
+    backward_sim: bool = True  # multi-step: train on the generator's own earlier steps
+    gan_gen_weight: float = 3e-3
+    gan_disc_weight: float = 1e-2
+
+    def __post_init__(self):
+        if not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"k (generator steps) must be an integer >= 1; got {self.k!r}")
+        if not isinstance(self.ttur, int) or self.ttur < 1:
+            raise ValueError(f"ttur (critic updates per generator update) must be an integer >= 1; got {self.ttur!r}")
+
+
+def check_compatible(teacher, student, example):
+    """Raise if `student` and `teacher` do not map `example` (one unbatched input) to the same output shape."""
+    def out_shape(model, name):
+        try:
+            return eqx.filter_eval_shape(model, example, jnp.float32(0.5)).shape
+        except Exception as e:  # noqa: BLE001 - re-raised with the shapes named
+            raise ValueError(f"{name} cannot take data of shape {example.shape}: {e}") from e
+
+    shapes = [out_shape(teacher, "teacher"), out_shape(student, "student")]
+    if shapes[0] != shapes[1] or shapes[0] != example.shape:
+        raise ValueError(f"teacher output {shapes[0]}, student output {shapes[1]} and data {example.shape} must agree")
+
+
+# ----------------------------------------------------------------------------------------------
+# Teacher.
+
+
+@eqx.filter_jit
+def teacher_step(state: Player, x, key, *, optimiser, schedule: Schedule, weighting="edm", label=None):
+    """One diffusion training step, t from EDM's training distribution. Returns `(state, loss)`."""
+    kt, kn = jr.split(key)
+    t = edm_train_time(schedule, kt, (x.shape[0],))
+    loss, grads = eqx.filter_value_and_grad(L.diffusion_loss)(
+        state.model, schedule, x, t, jr.normal(kn, x.shape), weighting, label
+    )
+    return _apply_grads(state, grads, optimiser), loss
+
+
+@eqx.filter_jit
+def regression_step(state: Player, target, x, key, *, optimiser, schedule: Schedule, weighting="edm", label=None):
+    """One step fitting `state.model` to the denoiser `target` (`--teacher exact`: a network copy of the oracle)."""
+    kt, kn = jr.split(key)
+    t = edm_train_time(schedule, kt, (x.shape[0],))
+    loss, grads = eqx.filter_value_and_grad(L.regression_loss)(
+        state.model, target, schedule, x, t, jr.normal(kn, x.shape), weighting, label
+    )
+    return _apply_grads(state, grads, optimiser), loss
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm 2: alternating moment matching.
+
+
+def init_alternating(teacher, optimiser) -> AlternatingState:
+    """Student and auxiliary model both start from the teacher (Algorithm 2, Require)."""
+    return AlternatingState(init_player(teacher, optimiser), init_player(teacher, optimiser))
+
+
+@eqx.filter_jit
+def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig, optimiser, schedule: Schedule, label=None):
+    """Two iterations of Algorithm 2: an even one (auxiliary g_phi) then an odd one (generator g_eta).
+
+    Each draws its own times and noise from `key`; both use the data batch `x` `(B, *data)`.
+    Returns `(state, {"aux_loss", "gen_loss"})`.
+    """
+    k_aux, k_gen = jr.split(key)
+    gen, aux = state.generator, state.aux
+
+    batch = L.noised_batch(schedule, x, k_aux, cfg.k, label)
+    x_tilde, z_s = L.generate(gen.model, schedule, batch, cfg.zs_sampling)
+    aux_loss, grads = eqx.filter_value_and_grad(L.auxiliary_loss)(
+        aux.model, teacher, schedule, sg(x_tilde), z_s, batch.s, cfg.weighting, label
+    )
+    aux = _apply_grads(aux, grads, optimiser)
+
+    batch = L.noised_batch(schedule, x, k_gen, cfg.k, label)
+    gen_loss, grads = eqx.filter_value_and_grad(L.generator_loss)(
+        gen.model, aux.model, teacher, schedule, batch, cfg.weighting, cfg.zs_sampling
+    )
+    gen = _apply_grads(gen, grads, optimiser)
+    return AlternatingState(gen, aux), {"aux_loss": aux_loss, "gen_loss": gen_loss}
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm 3: instant (parameter-space) moment matching.
+
+
+def check_preconditioner(precond, teacher):
+    want = eqx.filter(teacher, eqx.is_inexact_array)
+    if jax.tree.structure(precond) != jax.tree.structure(want) or any(
+        a.shape != b.shape for a, b in zip(jax.tree.leaves(precond), jax.tree.leaves(want))
+    ):
+        raise ValueError(
+            "preconditioner tree does not match the teacher's parameters: "
+            f"{jax.tree.structure(precond)} vs {jax.tree.structure(want)}"
+        )
+
+
+def preconditioner_from_adam(opt_state, b2=0.99, eps=1e-3):
+    """Lambda = 1 / (sqrt(v_hat) + eps) from an optax Adam state (bias-corrected second moments).
+
+    The guard `eps`: Adam's own 1e-8 (or App. B's 1e-12) lets parameters whose gradients are almost
+    always zero (e.g. units dead on the data) get Lambda ~ 1e8 and dominate nu, which made a prototype
+    diverge. 1e-3 caps Lambda at 1e3 and was stable; it is a documented choice, not the paper's.
+    """
+    nu = optax.tree_utils.tree_get(opt_state, "nu")
+    count = optax.tree_utils.tree_get(opt_state, "count")
+    bias = 1.0 - b2**count
+    return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / bias) + eps), nu)
+
+
+def estimate_preconditioner(teacher, schedule: Schedule, xs, key, *, b2=0.99, eps=1e-3, weighting="edm"):
+    """Adam's preconditioner of the teacher, estimated from teacher-loss gradients on batches `xs`
+    `(n, B, *data)` at the frozen teacher (the paper: "calculated fresh by running a few training steps").
+    """
+    adam = optax.scale_by_adam(b1=0.0, b2=b2)
+    state = adam.init(eqx.filter(teacher, eqx.is_inexact_array))
+
+    def body(state, inp):
+        x, k = inp
+        kt, kn = jr.split(k)
+        t = edm_train_time(schedule, kt, (x.shape[0],))
+        grads = eqx.filter_grad(L.diffusion_loss)(teacher, schedule, x, t, jr.normal(kn, x.shape), weighting)
+        return adam.update(grads, state)[1], None
+
+    state, _ = jax.lax.scan(body, state, (xs, jr.split(key, xs.shape[0])))
+    return preconditioner_from_adam(state, b2, eps)
+
+
+@eqx.filter_jit
+def instant_step(state: Player, teacher, precond, x, x_prime, key, *, cfg: MMConfig, optimiser, schedule: Schedule,
+                 label=None, label_prime=None):
+    """One update of Algorithm 3 on two independent batches `x` (B) and `x_prime` (B', gives nu).
+
+    Returns `(state, {"instant_loss"})`; `instant_loss` estimates Eq. 9 (Sec. 5.4: it is informative).
+    """
+    k1, k2 = jr.split(key)
+    batch = L.noised_batch(schedule, x, k1, cfg.k, label)
+    batch_prime = L.noised_batch(schedule, x_prime, k2, cfg.k, label_prime)
+    (_, monitor), grads = eqx.filter_value_and_grad(L.instant_loss, has_aux=True)(
+        state.model, teacher, precond, schedule, batch, batch_prime, cfg.weighting, cfg.zs_sampling
+    )
+    return _apply_grads(state, grads, optimiser), {"instant_loss": monitor}
+
+
+# ----------------------------------------------------------------------------------------------
+# DMD2.
+
+
+def init_dmd2(teacher, head_key, optimiser, cfg: DMD2Config, feat_dim) -> DMD2State:
+    """Generator and fake score start from the teacher; the GAN head is new."""
+    head = DiscriminatorHead(feat_dim, key=head_key) if cfg.gan else None
+    return DMD2State(init_player(teacher, optimiser), init_player(Critic(teacher, head), optimiser))
+
+
+def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None):
+    """The input of the generator step being trained, on the grid t_j = 1 - j/k, j ~ U{0..k-1} per example.
+
+    Backward simulation (DMD2 Sec. 4.5): run the generator itself, without gradient, from pure noise
+    through steps 0..j-1 with marginal re-noising. Without it: forward-diffuse real data to t_j.
+    """
+    b, k = x_real.shape[0], cfg.k
+    kj, kz, ks = jr.split(key, 3)
+    j = jr.randint(kj, (b,), 0, k)
+    t_j = 1.0 - j / k
+    if not cfg.backward_sim:
+        return diffuse(schedule, x_real, t_j, jr.normal(kz, x_real.shape)), t_j
+
+    def body(z, i):
+        t = jnp.full((b,), 1.0 - i / k)
+        x_hat = L.apply(generator, z, t, label)
+        z_next = diffuse(schedule, x_hat, t - 1.0 / k, jr.normal(jr.fold_in(ks, i), z.shape))
+        return jnp.where(bcast(i < j, z), z_next, z), None
+
+    z, _ = jax.lax.scan(body, jr.normal(kz, x_real.shape), jnp.arange(k - 1))
+    return sg(z), t_j
+
+
+def critic_loss(critic: Critic, generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None):
+    """Fake-score diffusion loss on stop-gradient generator samples (+ weighted discriminator loss)."""
+    k_in, k_t, k_n, k_g = jr.split(key, 4)
+    z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label)
+    x_fake = sg(L.apply(generator, z, t_j, label))
+    t = karras_grid_time(schedule, k_t, (x_real.shape[0],))
+    fake_loss = L.diffusion_loss(critic.fake, schedule, x_fake, t, jr.normal(k_n, x_fake.shape), "edm", label)
+    if not cfg.gan:
+        return fake_loss, (fake_loss, jnp.zeros(()))
+    kt1, kt2, kn1, kn2 = jr.split(k_g, 4)
+    t_r, t_f = karras_grid_time(schedule, kt1, t.shape), karras_grid_time(schedule, kt2, t.shape)
+    disc = L.gan_discriminator_loss(critic.head, critic.fake, schedule, x_real, x_fake, t_r, t_f, (kn1, kn2), label, label)
+    return fake_loss + cfg.gan_disc_weight * disc, (fake_loss, disc)
+
+
+def dmd2_generator_loss(generator, critic: Critic, real, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None):
+    """Distribution matching (+ weighted non-saturating GAN) loss of the generator."""
+    k_in, k_t, k_n, k_g = jr.split(key, 4)
+    z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label)
+    x = L.apply(generator, z, t_j, label)
+    b = x.shape[0]
+    dm = L.dmd_loss(x, real, critic.fake, schedule, karras_grid_time(schedule, k_t, (b,)), jr.normal(k_n, x.shape), label)
+    if not cfg.gan:
+        return dm, (dm, jnp.zeros(()))
+    kt, kn = jr.split(k_g)
+    gan = L.gan_generator_loss(critic.head, critic.fake, schedule, x, karras_grid_time(schedule, kt, (b,)), jr.normal(kn, x.shape), label)
+    return dm + cfg.gan_gen_weight * gan, (dm, gan)
+
+
+@eqx.filter_jit
+def dmd2_step(state: DMD2State, real, x_real, key, *, cfg: DMD2Config, optimiser, schedule: Schedule, label=None):
+    """`cfg.ttur` critic updates (fake score + discriminator) then one generator update.
+
+    `real` is the teacher (optionally a `losses.GuidedTeacher`); `x_real` is `(ttur, B, *data)`, one
+    real batch per critic update (the generator's GAN term needs none; without backward simulation
+    it noises `x_real[0]`). Returns `(state, {"fake_loss", "disc_loss", "dm_loss", "gan_loss"})`.
+    """
+    k_c, k_g = jr.split(key)
+    gen = state.generator
+
+    def critic_update(critic: Player, inp):
+        x, k = inp
+        (_, (fake_loss, disc)), grads = eqx.filter_value_and_grad(critic_loss, has_aux=True)(
+            critic.model, gen.model, schedule, x, k, cfg, label
+        )
+        return _apply_grads(critic, grads, optimiser), (fake_loss, disc)
+
+    critic, (fake_losses, discs) = scan_steps(critic_update, state.critic, (x_real, jr.split(k_c, cfg.ttur)))
+    (_, (dm, gan)), grads = eqx.filter_value_and_grad(dmd2_generator_loss, has_aux=True)(
+        gen.model, critic.model, real, schedule, x_real[0], k_g, cfg, label
+    )
+    gen = _apply_grads(gen, grads, optimiser)
+    metrics = {"fake_loss": fake_losses[-1], "disc_loss": discs[-1], "dm_loss": dm, "gan_loss": gan}
+    return DMD2State(gen, critic), metrics
+
+
+# ----------------------------------------------------------------------------------------------
+# Loops.
+
+
+def scan_steps(step, state, xs):
+    """`lax.scan` of `step(state, x) -> (state, out)` over the leading axis of `xs`, for any eqx state."""
+    dynamic, static = eqx.partition(state, eqx.is_array)
+
+    def body(dynamic, x):
+        new, out = step(eqx.combine(dynamic, static), x)
+        return eqx.partition(new, eqx.is_array)[0], out
+
+    dynamic, outs = jax.lax.scan(body, dynamic, xs)
+    return eqx.combine(dynamic, static), outs

@@ -1,0 +1,492 @@
+"""Property tests of the distillation objectives (losses.py) and steps (mmd.py) on Gaussian data.
+
+Each identity is checked against a closed form or an independent computation, and each check has a
+companion showing a deliberately wrong variant (flipped sign, wrong variance, multi-step t) fails it.
+"""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import losses as L
+import mmd
+from models import GaussianDenoiser, MLPDenoiser
+from jax.flatten_util import ravel_pytree
+
+from sampling import Schedule, karras_grid_time, posterior, sample
+
+SCHED = Schedule()
+Z = 5.0
+seeds = st.integers(0, 2**31 - 1)
+
+
+def random_cov(rng, d, lo=0.1, hi=1.5):
+    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
+    return (q * rng.uniform(lo, hi, d)) @ q.T
+
+
+def flat(schedule, s, x, x_teacher):
+    return jnp.ones(x.shape[0])
+
+
+def tree_vec(tree):
+    return jnp.concatenate([jnp.ravel(a) for a in jax.tree.leaves(eqx.filter(tree, eqx.is_inexact_array))])
+
+
+# ----------------------------------------------------------------------------------------------
+# A linear-Gaussian world where every moment of Algorithm 2 is known in closed form.
+
+
+class Affine(eqx.Module):
+    """A time-independent affine map z -> W z + b (an auxiliary model / closed-form denoiser)."""
+
+    w: jax.Array
+    b: jax.Array
+
+    def __call__(self, z, t):
+        return self.w @ z + self.b
+
+
+def linear_coefs(den: GaussianDenoiser, t):
+    """E[x | z_t] = A z + b for a GaussianDenoiser."""
+    d = den.mean.size
+    b = den(jnp.zeros(d), t)
+    return jax.jacfwd(den)(jnp.zeros(d), t), b
+
+
+def posterior_coefs(t, s):
+    """z_s = a1 z_t + a2 x + std eps, read off the implementation's posterior."""
+    a1, std = posterior(SCHED, jnp.ones(()), jnp.zeros(()), t, s)
+    a2, _ = posterior(SCHED, jnp.zeros(()), jnp.ones(()), t, s)
+    return float(a1), float(a2), float(jnp.squeeze(std))
+
+
+class World:
+    """Data N(mu, S); generator x~ = E[x|z_t] + delta + c chol(Cov[x|z_t]) eps with eta = (delta, c)."""
+
+    def __init__(self, seed, d=2, t=0.6, s=0.35):
+        rng = np.random.default_rng(seed)
+        self.d, self.t, self.s = d, t, s
+        self.mu, self.cov = rng.normal(size=d), random_cov(rng, d)
+        self.teacher = GaussianDenoiser(self.mu, self.cov)
+        self.A, self.b = (np.asarray(a, np.float64) for a in linear_coefs(self.teacher, t))
+        self.chol = np.linalg.cholesky(np.asarray(self.teacher.posterior_cov(t), np.float64) + 1e-9 * np.eye(d))
+        self.a1, self.a2, self.std = posterior_coefs(t, s)
+        self.alpha_t, self.sigma_t = (float(a) for a in SCHED.alpha_sigma(t))
+
+    def gen(self, eta, z_t, eps):
+        delta, c = eta
+        return z_t @ self.A.T + self.b + delta + c * eps @ self.chol.T
+
+    def draw(self, key, n, eta, std=None):
+        k1, k2, k3, k4 = jr.split(key, 4)
+        x = jr.multivariate_normal(k1, self.mu, self.cov, (n,))
+        z_t = self.alpha_t * x + self.sigma_t * jr.normal(k2, x.shape)
+        eps = jr.normal(k3, x.shape)
+        x_tilde = self.gen(eta, z_t, eps)
+        z_s = self.a1 * z_t + self.a2 * x_tilde + (self.std if std is None else std) * jr.normal(k4, x.shape)
+        return z_t, eps, x_tilde, z_s
+
+    def moments(self, eta, std=None):
+        """Closed-form E_g[x~ | z_s] (affine) and E_q[x | z_s], plus the law of z_s under g."""
+        d, (delta, c) = self.d, (np.asarray(eta[0], np.float64), float(eta[1]))
+        std = self.std if std is None else std
+        m_z = self.alpha_t * self.mu
+        v_z = self.alpha_t**2 * self.cov + self.sigma_t**2 * np.eye(d)
+        m_x = self.A @ m_z + self.b + delta
+        c_xz = self.A @ v_z  # Cov(x~, z_t)
+        v_x = self.A @ v_z @ self.A.T + c**2 * self.chol @ self.chol.T
+        m_s = self.a1 * m_z + self.a2 * m_x
+        v_s = self.a1**2 * v_z + 2 * self.a1 * self.a2 * c_xz + self.a2**2 * v_x + std**2 * np.eye(d)
+        v_s = 0.5 * (v_s + v_s.T)
+        c_xs = self.a1 * c_xz.T + self.a2 * v_x  # Cov(x~, z_s)
+        g_w = c_xs @ np.linalg.inv(v_s)
+        g_b = m_x - g_w @ m_s
+        q_w, q_b = (np.asarray(a, np.float64) for a in linear_coefs(GaussianDenoiser(self.mu, self.cov), self.s))
+        return (g_w, g_b), (q_w, q_b), (m_s, v_s)
+
+    def mismatch(self, eta, std=None):
+        """E_{z_s ~ g} ||E_g[x~ | z_s] - E_q[x | z_s]||^2 in closed form."""
+        (g_w, g_b), (q_w, q_b), (m_s, v_s) = self.moments(eta, std)
+        dw, db = g_w - q_w, g_b - q_b
+        e0 = dw @ m_s + db
+        return float(e0 @ e0 + np.trace(dw @ v_s @ dw.T))
+
+
+def least_squares(z, y):
+    """Affine regression of y on z: the optimum of a diffusion loss over affine models."""
+    zz = np.concatenate([np.asarray(z, np.float64), np.ones((z.shape[0], 1))], 1)
+    coef = np.linalg.lstsq(zz, np.asarray(y, np.float64), rcond=None)[0]
+    return Affine(jnp.asarray(coef[:-1].T, jnp.float32), jnp.asarray(coef[-1], jnp.float32))
+
+
+def eq6_gradient(world, eta, key, n=20_000):
+    """The Algorithm 2 generator gradient, with g_phi fitted to x~ on an independent batch (g_phi = E_g)."""
+    k_fit, k_grad = jr.split(key)
+    _, _, x_fit, zs_fit = world.draw(k_fit, n, eta)
+    aux = least_squares(zs_fit, x_fit)
+    z_t, eps, _, z_s = world.draw(k_grad, n, eta)
+    s = jnp.full(n, world.s)
+    aux_pred, teacher_pred = L.apply(aux, z_s, s), L.apply(world.teacher, z_s, s)
+
+    def loss(eta):
+        return L.moment_matching_loss(world.gen(eta, z_t, eps), aux_pred, teacher_pred, jnp.ones(n))
+
+    g = jax.grad(loss)(eta)
+    return np.concatenate([np.ravel(g[0]), np.ravel(g[1])])
+
+
+def gradient_t_stat(world, eta, repeats=12):
+    grads = np.stack([eq6_gradient(world, eta, jr.key(r)) for r in range(repeats)])
+    mean, se = grads.mean(0), grads.std(0, ddof=1) / np.sqrt(repeats)
+    return mean, se
+
+
+ETA0 = (jnp.zeros(2), jnp.float32(1.0))
+
+
+@given(seed=st.integers(0, 1000))
+def test_eq3_holds_for_the_exact_conditional_sampler(seed):
+    w = World(seed)
+    assert w.mismatch(ETA0) < 1e-8  # E_g[x~ | z_s] = E_q[x | z_s]  (Eq. 3)
+    assert w.mismatch(ETA0, std=SCHED.alpha_sigma(w.s)[1]) > 1e-3  # bites: z_s with the wrong variance
+
+
+def test_eq6_fixed_point_and_descent():
+    w = World(0)
+    mean, se = gradient_t_stat(w, ETA0)
+    assert np.all(np.abs(mean) < Z * se + 1e-6), (mean, se)  # zero within Monte-Carlo error
+    eta = (jnp.array([0.4, -0.3]), jnp.float32(0.6))  # a generator that is off in mean and in spread
+    mean, se = gradient_t_stat(w, eta)
+    assert np.any(np.abs(mean) > Z * se)
+    step = 0.2 / np.linalg.norm(mean)
+
+    def stepped(sign):
+        return (eta[0] - sign * step * mean[:2], eta[1] - sign * step * mean[2])
+
+    assert w.mismatch(stepped(+1)) < w.mismatch(eta)  # descent on Eq. 6 reduces the moment mismatch
+    assert w.mismatch(stepped(-1)) > w.mismatch(eta)  # bites: the flipped sign increases it
+
+
+def test_auxiliary_fixed_point_is_the_average():
+    """The implemented auxiliary loss, minimised over affine g_phi, gives (E_g[x~|z_s] + g_theta(z_s)) / 2."""
+    w, n = World(1), 50_000
+    eta = (jnp.array([0.5, 0.0]), jnp.float32(0.5))
+    _, _, x_tilde, z_s = w.draw(jr.key(0), n, eta)
+    s = jnp.full(n, w.s)
+    phi0 = Affine(jnp.zeros((2, 2)), jnp.zeros(2))
+    flat_p, unravel = ravel_pytree(phi0)
+
+    def loss(p):
+        return L.auxiliary_loss(unravel(p), w.teacher, SCHED, x_tilde, z_s, s, flat)
+
+    # the loss is quadratic in affine phi: one Newton step from anywhere is its exact minimiser
+    p_star = flat_p - jnp.linalg.solve(jax.hessian(loss)(flat_p), jax.grad(loss)(flat_p))
+    phi = unravel(p_star)
+    avg = least_squares(z_s, 0.5 * (x_tilde + L.apply(w.teacher, z_s, s)))
+    np.testing.assert_allclose(phi.w, avg.w, atol=1e-3)
+    np.testing.assert_allclose(phi.b, avg.b, atol=1e-3)
+    (g_w, g_b), (q_w, q_b), _ = w.moments(eta)  # and in closed form, within Monte-Carlo error
+    tol = Z * 2.0 / np.sqrt(n)
+    np.testing.assert_allclose(phi.w, 0.5 * (g_w + q_w), atol=tol)
+    np.testing.assert_allclose(phi.b, 0.5 * (g_b + q_b), atol=tol)
+    assert np.max(np.abs(phi.w - g_w)) > 2 * tol  # bites: without the teacher term it would be E_g
+
+
+# ----------------------------------------------------------------------------------------------
+# Algorithm 3: Eq. 8 as the lambda -> 0 limit of Algorithm 2, and Appendix A (Eq. 8 vs Eq. 9).
+
+D = 3
+
+
+def small_world(seed):
+    k = jr.split(jr.key(seed), 6)
+    teacher = MLPDenoiser(D, width=16, depth=1, emb_dim=8, key=k[0])
+    # a generator a little away from the teacher, so x~ differs from the teacher's mean prediction
+    generator = jax.tree.map(lambda a: a + 0.2 * jr.normal(k[1], a.shape) if eqx.is_inexact_array(a) else a, teacher)
+    precond = jax.tree.map(lambda a: jr.uniform(k[2], a.shape, minval=0.5, maxval=2.0), eqx.filter(teacher, eqx.is_inexact_array))
+    x, x_p = jr.normal(k[3], (2, 64, D))
+    return teacher, generator, precond, L.noised_batch(SCHED, x, k[4], 4), L.noised_batch(SCHED, x_p, k[5], 4)
+
+
+@eqx.filter_jit
+def _instant_grad(generator, teacher, precond, batch, batch_p, sign=-1.0):
+    f = lambda g: L.instant_loss(g, teacher, precond, SCHED, batch, batch_p, "edm", "posterior", sign)[0]
+    return tree_vec(eqx.filter_grad(f)(generator))
+
+
+@eqx.filter_jit
+def _eq9_grad(generator, teacher, precond, batch):
+    def f(g):
+        x, z_s = L.generate(g, SCHED, batch)
+        return L.eq9_moment(teacher, precond, SCHED, x, z_s, batch.s, "edm")
+
+    return tree_vec(eqx.filter_grad(f)(generator))
+
+
+@given(seed=seeds)
+def test_appendix_a_instant_gradient_is_half_the_eq9_gradient(seed):
+    teacher, generator, precond, batch, _ = small_world(seed)
+    g9 = _eq9_grad(generator, teacher, precond, batch)
+    g8 = _instant_grad(generator, teacher, precond, batch, batch)  # nu from the same batch
+    np.testing.assert_allclose(g8, 0.5 * g9, rtol=2e-3, atol=1e-6 * float(jnp.max(jnp.abs(g9))))
+    # bites: Eq. 8 with the sign as printed points the other way
+    g8_flipped = _instant_grad(generator, teacher, precond, batch, batch, sign=1.0)
+    assert not np.allclose(g8_flipped, 0.5 * g9, rtol=0.1)
+
+
+def algorithm2_limit_gradient(lam, generator, teacher, precond, batch, batch_p):
+    """grad_eta (1/lambda) L_{phi(lambda)}(eta), phi(lambda) = theta - lambda Lambda grad_phi L(phi)|theta on B'."""
+    x_p, zs_p = L.generate(generator, SCHED, batch_p)
+    grad_phi = eqx.filter_grad(L.auxiliary_loss)(teacher, teacher, SCHED, x_p, zs_p, batch_p.s, "edm")
+    phi = eqx.apply_updates(teacher, jax.tree.map(lambda p, g: -lam * p * g, precond, grad_phi))
+    f = lambda g: L.generator_loss(g, phi, teacher, SCHED, batch, "edm") / lam
+    return tree_vec(eqx.filter_grad(f)(generator))
+
+
+def test_eq8_is_the_small_step_limit_of_algorithm2():
+    teacher, generator, precond, batch, batch_p = small_world(0)
+    with jax.enable_x64(True):  # finite differences in lambda need the precision
+        to64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, tree)
+        teacher, generator, precond, batch, batch_p = map(to64, (teacher, generator, precond, batch, batch_p))
+        g8 = _instant_grad(generator, teacher, precond, batch, batch_p)
+        errs = [float(jnp.linalg.norm(algorithm2_limit_gradient(lam, generator, teacher, precond, batch, batch_p) - g8)
+                      / jnp.linalg.norm(g8)) for lam in (1e-1, 1e-2, 1e-3)]
+    assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-2, errs  # O(lambda) convergence
+    assert errs[1] / errs[2] > 5, errs
+
+
+# ----------------------------------------------------------------------------------------------
+# One step: Algorithm 2 at k = 1 is VSD (Eq. 11-13).
+
+
+@given(seed=seeds)
+def test_k1_alternating_equals_vsd(seed):
+    teacher, generator, _, batch, _ = small_world(seed)
+    aux = jax.tree.map(lambda a: a * 1.1 if eqx.is_inexact_array(a) else a, teacher)
+    b = batch._replace(t=jnp.ones_like(batch.t), z_t=jr.normal(jr.key(seed), batch.z_t.shape))
+
+    def weight_times_snr(schedule, s, x, xt):
+        alpha, sigma = schedule.alpha_sigma(s)
+        return L.edm_weight(schedule, s) * alpha**2 / sigma**2
+
+    g_mm = tree_vec(eqx.filter_grad(L.generator_loss)(generator, aux, teacher, SCHED, b, weight_times_snr))
+    g_vsd = tree_vec(eqx.filter_grad(L.vsd_loss)(generator, aux, teacher, SCHED, b.z_t, b.s, b.key, "edm"))
+    np.testing.assert_allclose(g_mm, g_vsd, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(g_vsd))))
+    # bites: at t < 1 the posterior z_s is not forward diffusion, and the two differ
+    b_half = b._replace(t=jnp.full_like(b.t, 0.8), s=jnp.minimum(b.s, 0.8))
+    g_half = tree_vec(eqx.filter_grad(L.generator_loss)(generator, aux, teacher, SCHED, b_half, weight_times_snr))
+    g_vsd_half = tree_vec(eqx.filter_grad(L.vsd_loss)(generator, aux, teacher, SCHED, b.z_t, b_half.s, b.key, "edm"))
+    assert not np.allclose(g_half, g_vsd_half, rtol=1e-2)
+
+
+# ----------------------------------------------------------------------------------------------
+# DMD2: distribution matching with analytic real and fake denoisers.
+
+
+class GaussGen(eqx.Module):
+    """One-step generator x = m + a z_1, so its law is N(m, a^2 I) and its exact denoiser is known."""
+
+    m: jax.Array
+    a: jax.Array
+
+    def __call__(self, z, t):
+        return self.m + self.a * z
+
+
+def kl_gauss(m, a, mu, cov):
+    """KL(N(m, a^2 I) || N(mu, cov))."""
+    d, prec = m.size, np.linalg.inv(cov)
+    diff = mu - m
+    return 0.5 * (a**2 * np.trace(prec) + diff @ prec @ diff - d + np.linalg.slogdet(cov)[1] - d * np.log(a**2))
+
+
+def dmd_grad(gen, real, key, n=20_000, sign=1.0):
+    k1, k2, k3 = jr.split(key, 3)
+    z1 = jr.normal(k1, (n, gen.m.size))
+    t = karras_grid_time(SCHED, k2, (n,))
+    fake = GaussianDenoiser(gen.m, float(gen.a) ** 2 * np.eye(gen.m.size))
+
+    def loss(g):
+        x = L.apply(g, z1, jnp.ones(n))
+        real_, fake_ = (real, fake) if sign > 0 else (fake, real)
+        return L.dmd_loss(x, real_, fake_, SCHED, t, jr.normal(k3, x.shape))
+
+    return eqx.filter_grad(loss)(gen)
+
+
+@given(seed=st.integers(0, 1000))
+def test_dmd_gradient_reduces_kl(seed):
+    rng = np.random.default_rng(seed)
+    mu, cov = rng.normal(size=2), random_cov(rng, 2, 0.3, 1.0)
+    real = GaussianDenoiser(mu, cov)
+    gen = GaussGen(jnp.asarray(mu + rng.normal(size=2), jnp.float32), jnp.float32(rng.uniform(0.2, 2.0)))
+    kl = lambda g: kl_gauss(np.asarray(g.m, np.float64), float(g.a), mu, cov)
+    for sign, better in ((1.0, True), (-1.0, False)):  # the flipped sign must fail
+        g = dmd_grad(gen, real, jr.key(seed), sign=sign)
+        step = 0.05 / float(jnp.sqrt(jnp.sum(g.m**2) + g.a**2))
+        new = GaussGen(gen.m - step * g.m, gen.a - step * g.a)
+        assert (kl(new) < kl(gen)) == better
+
+
+def test_dmd_gradient_is_zero_when_fake_equals_real():
+    real = GaussianDenoiser(jnp.array([0.3, -0.2]), 0.49 * jnp.eye(2))
+    g = dmd_grad(GaussGen(jnp.array([0.3, -0.2]), jnp.float32(0.7)), real, jr.key(0))
+    assert float(jnp.max(jnp.abs(tree_vec(g)))) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# Jit, edge times, shapes.
+
+
+class FlatMLP(eqx.Module):
+    """The vector MLP applied to images through einops, to test image-shaped batches."""
+
+    mlp: MLPDenoiser
+    shape: tuple = eqx.field(static=True)
+
+    def __call__(self, z, t):
+        h, w, c = self.shape
+        return jnp.reshape(self.mlp(jnp.ravel(z), t), (h, w, c))
+
+    def features(self, z, t):
+        return self.mlp.features(jnp.ravel(z), t)
+
+
+@eqx.filter_jit
+def _all_losses(teacher, precond, x, t, s):
+    batch = L.Noised(jr.normal(jr.key(2), x.shape), t, s, jr.key(3))
+    return jnp.stack([
+        L.diffusion_loss(teacher, SCHED, x, t, x, "edm"),
+        L.auxiliary_loss(teacher, teacher, SCHED, x, batch.z_t, s, "dmd"),
+        L.generator_loss(teacher, teacher, teacher, SCHED, batch, "flat"),
+        L.instant_loss(teacher, teacher, precond, SCHED, batch, batch)[1],
+        L.vsd_loss(teacher, teacher, teacher, SCHED, x, s, jr.key(4)),
+        L.dmd_loss(x, teacher, teacher, SCHED, t, x),
+    ])
+
+
+@pytest.mark.parametrize("shape", [(3,), (4, 4, 2)])
+def test_every_loss_and_step_is_finite_on_edge_times(shape):
+    d = int(np.prod(shape))
+    net = MLPDenoiser(d, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    teacher = net if len(shape) == 1 else FlatMLP(net, shape)
+    b = 8
+    x = jr.normal(jr.key(1), (b,) + shape)
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(teacher, eqx.is_inexact_array))
+    edges = {"s=t": (0.4, 0.4), "t=1": (1.0, 0.3), "s~0": (0.01, 1e-4), "s=t=1": (1.0, 1.0), "s=t=0": (0.0, 0.0)}
+    for edge, (t, s) in edges.items():
+        vals = _all_losses(teacher, precond, x, jnp.full(b, t), jnp.full(b, s))
+        assert bool(jnp.all(jnp.isfinite(vals))), (edge, vals)
+    if len(shape) > 1:
+        return  # the steps are shape-agnostic code around these losses; compile them once (vectors)
+    opt = mmd.mm_optimiser(1e-3, 10, 2)
+    cfg = mmd.MMConfig(k=2)
+    alt, m1 = mmd.alternating_step(mmd.init_alternating(teacher, opt), teacher, x, jr.key(5), cfg=cfg, optimiser=opt, schedule=SCHED)
+    inst, m2 = mmd.instant_step(mmd.init_player(teacher, opt), teacher, precond, x, x, jr.key(6), cfg=cfg, optimiser=opt, schedule=SCHED)
+    dcfg = mmd.DMD2Config(k=2, ttur=2)
+    dmd, m3 = mmd.dmd2_step(mmd.init_dmd2(teacher, jr.key(7), opt, dcfg, 16), teacher, jnp.stack([x, x]), jr.key(8),
+                            cfg=dcfg, optimiser=opt, schedule=SCHED)
+    for m in (m1, m2, m3):
+        assert all(bool(jnp.isfinite(v)) for v in m.values()), m
+    for state in (alt, inst, dmd):
+        assert bool(jnp.all(jnp.isfinite(tree_vec(state))))
+
+
+# ----------------------------------------------------------------------------------------------
+# Short runs: each algorithm moves a k = 2 student toward the data (exact teacher, 2-D Gaussian).
+
+K_SHORT, N_SHORT = 2, 200
+MU_SHORT = np.array([0.5, -0.3])
+COV_SHORT = random_cov(np.random.default_rng(0), 2, 0.05, 0.5)
+EXACT = GaussianDenoiser(MU_SHORT, COV_SHORT)
+
+
+def _data(key, n=256):
+    return EXACT.sample(key, n)
+
+
+def _student_error(model, step):
+    from test_mmd import sampler_error  # noqa: PLC0415
+
+    x = eqx.filter_jit(lambda m: sample(m, SCHED, jr.key(9), (20_000, 2), K_SHORT, step))(model)
+    return sampler_error(np.asarray(x), MU_SHORT, COV_SHORT)
+
+
+@pytest.fixture(scope="module")
+def net_teacher():
+    """An MLP regressed onto the exact denoiser: the network every student starts from."""
+    opt = mmd.teacher_optimiser(2e-3, 600, 50)
+    run = eqx.filter_jit(lambda st, keys: mmd.scan_steps(
+        lambda st, k: mmd.regression_step(st, EXACT, _data(k), jr.fold_in(k, 1), optimiser=opt, schedule=SCHED), st, keys))
+    state, _ = run(mmd.init_player(MLPDenoiser(2, width=64, depth=2, emb_dim=16, key=jr.key(0)), opt), jr.split(jr.key(1), 600))
+    return state.model
+
+
+def _assert_moves_toward_data(before, after):
+    from test_mmd import sampler_noise_floor  # noqa: PLC0415
+
+    assert before - after > Z * sampler_noise_floor(COV_SHORT), (before, after)
+
+
+def test_short_alternating_run(net_teacher):
+    cfg, opt = mmd.MMConfig(k=K_SHORT, weighting="flat"), mmd.mm_optimiser(1e-3, N_SHORT, 50)
+    run = eqx.filter_jit(lambda a, keys: mmd.scan_steps(
+        lambda a, k: mmd.alternating_step(a, EXACT, _data(k), jr.fold_in(k, 1), cfg=cfg, optimiser=opt, schedule=SCHED), a, keys))
+    state, _ = run(mmd.init_alternating(net_teacher, opt), jr.split(jr.key(2), N_SHORT))
+    _assert_moves_toward_data(_student_error(net_teacher, "ancestral"), _student_error(state.generator.model, "ancestral"))
+
+
+def test_short_instant_run(net_teacher):
+    cfg, opt = mmd.MMConfig(k=K_SHORT, weighting="flat"), mmd.mm_optimiser(1e-3, N_SHORT, 50)
+    precond = mmd.estimate_preconditioner(net_teacher, SCHED, jnp.stack([_data(jr.key(i)) for i in range(10)]), jr.key(0))
+    run = eqx.filter_jit(lambda p, keys: mmd.scan_steps(
+        lambda p, k: mmd.instant_step(p, net_teacher, precond, _data(k), _data(jr.fold_in(k, 2)), jr.fold_in(k, 1),
+                                      cfg=cfg, optimiser=opt, schedule=SCHED), p, keys))
+    state, _ = run(mmd.init_player(net_teacher, opt), jr.split(jr.key(3), N_SHORT))
+    _assert_moves_toward_data(_student_error(net_teacher, "ancestral"), _student_error(state.model, "ancestral"))
+
+
+def test_short_dmd2_run(net_teacher):
+    cfg, opt = mmd.DMD2Config(k=K_SHORT, ttur=5), mmd.dmd2_optimiser(1e-3, 50)
+    real = lambda k: jnp.stack([_data(jr.fold_in(k, i)) for i in range(cfg.ttur)])
+    run = eqx.filter_jit(lambda d, keys: mmd.scan_steps(
+        lambda d, k: mmd.dmd2_step(d, EXACT, real(k), jr.fold_in(k, 9), cfg=cfg, optimiser=opt, schedule=SCHED), d, keys))
+    state, _ = run(mmd.init_dmd2(net_teacher, jr.key(5), opt, cfg, 64), jr.split(jr.key(4), N_SHORT // 2))
+    _assert_moves_toward_data(_student_error(net_teacher, "marginal"), _student_error(state.generator.model, "marginal"))
+
+
+# ----------------------------------------------------------------------------------------------
+# Bad input.
+
+
+def test_bad_input_errors():
+    net = MLPDenoiser(2, width=8, depth=1, emb_dim=8, key=jr.key(0))
+    with pytest.raises(ValueError, match="unknown weighting 'edmm'"):
+        mmd.MMConfig(weighting="edmm")
+    with pytest.raises(ValueError, match="unknown weighting"):
+        L.loss_weight("nope", SCHED, jnp.ones(2), jnp.ones((2, 2)), jnp.ones((2, 2)))
+    with pytest.raises(ValueError, match=r"k \(sampling steps\) must be an integer >= 1; got 0"):
+        mmd.MMConfig(k=0)
+    with pytest.raises(ValueError, match=r"k \(generator steps\) must be an integer >= 1"):
+        mmd.DMD2Config(k=-1)
+    with pytest.raises(ValueError, match="ttur .* >= 1; got 0"):
+        mmd.DMD2Config(ttur=0)
+    with pytest.raises(ValueError, match="unknown zs_sampling"):
+        mmd.MMConfig(zs_sampling="prior")
+    with pytest.raises(ValueError, match="preconditioner tree does not match"):
+        mmd.check_preconditioner({"a": jnp.ones(2)}, net)
+    with pytest.raises(ValueError, match=r"teacher output \(2,\), student output \(3,\)"):
+        mmd.check_compatible(net, Affine(jnp.ones((3, 2)), jnp.zeros(3)), jnp.zeros(2))
+    other = MLPDenoiser(3, width=8, depth=1, emb_dim=8, key=jr.key(0))
+    with pytest.raises(ValueError, match=r"student cannot take data of shape \(2,\)"):
+        mmd.check_compatible(net, other, jnp.zeros(2))
+    with pytest.raises(ValueError, match="guidance scale must be >= 0"):
+        L.GuidedTeacher(net, scale=-1.0)
