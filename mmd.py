@@ -212,10 +212,12 @@ def preconditioner_from_adam(opt_state, b2=0.99, eps=1e-3):
     always zero (e.g. units dead on the data) get Lambda ~ 1e8 and dominate nu, which made a prototype
     diverge. 1e-3 caps Lambda at 1e3 and was stable; it is a documented choice, not the paper's.
     """
-    nu = optax.tree_utils.tree_get(opt_state, "nu")
-    count = optax.tree_utils.tree_get(opt_state, "count")
-    bias = 1.0 - b2**count
-    return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / bias) + eps), nu)
+    is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
+    adam = [s for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)]
+    if len(adam) != 1:
+        raise ValueError(f"expected exactly one Adam state in the optimiser state; found {len(adam)}")
+    bias = 1.0 - b2 ** adam[0].count
+    return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / bias) + eps), adam[0].nu)
 
 
 def estimate_preconditioner(teacher, schedule: Schedule, xs, key, *, b2=0.99, eps=1e-3, weighting="edm"):

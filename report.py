@@ -1,0 +1,184 @@
+"""The run's report: tables (report.md, report.json), the claims table, and the plots.
+
+A claim of either paper "held" in this run if the stated comparison of measured numbers holds;
+comparisons the run did not include are marked "not run" with the flag that would include them.
+"""
+
+import json
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+METRICS = ("mmd2", "energy", "mode_precision", "mode_recall", "mode_tv", "avg_loglik")
+
+
+def _get(results, method, k):
+    return results.get(f"{method}_k{k}")
+
+
+def _ks(results, method):
+    return sorted(int(n.rsplit("_k", 1)[1]) for n in results if n.startswith(method + "_k"))
+
+
+def instant_decay(history):
+    """Smoothed instant loss (Eq. 9 estimate): final / peak ratio and the fitted exponential rate after the peak."""
+    loss = np.asarray(history["instant_loss"], np.float64)
+    w = max(len(loss) // 20, 1)
+    smooth = np.convolve(loss, np.ones(w) / w, mode="valid")
+    peak = int(np.argmax(smooth))
+    tail = smooth[peak:]
+    pos = tail > 0
+    rate = np.polyfit(np.arange(len(tail))[pos], np.log(tail[pos]), 1)[0] if pos.sum() > 2 else float("nan")
+    return float(smooth[-1] / smooth[peak]), float(rate), smooth
+
+
+def claims(results, histories, samples):
+    rows = []
+    t_many = max((int(n.rsplit("_k", 1)[1]) for n in results if n.startswith("teacher_ancestral_k")), default=None)
+
+    def add(claim, measured, held):
+        rows.append({"claim": claim, "measured": measured, "held": held})
+
+    for method in ("mm_alternating", "mm_instant", "dmd2"):
+        for k in _ks(results, method):
+            if k >= 8 and t_many:
+                s, t = _get(results, method, k), _get(results, "teacher_ancestral", t_many)
+                add(f"{method} with k = {k} at least as good as the teacher with {t_many} steps (MMD^2)",
+                    f"{s['mmd2']:.2e} vs {t['mmd2']:.2e}", bool(s["mmd2"] <= t["mmd2"]))
+    for method in ("mm_alternating", "mm_instant", "dmd2"):
+        ks = _ks(results, method)
+        if 1 in ks and max(ks) > 1:
+            one, many = _get(results, method, 1), _get(results, method, max(ks))
+            add(f"{method}: multi-step (k = {max(ks)}) better than one step (MMD^2)",
+                f"{many['mmd2']:.2e} vs {one['mmd2']:.2e}", bool(many["mmd2"] < one["mmd2"]))
+        elif ks:
+            add(f"{method}: multi-step better than one step", "not run (needs k = 1 and k > 1: --steps 1,8)", None)
+    common = sorted(set(_ks(results, "mm_alternating")) & set(_ks(results, "mm_instant")))
+    for k in common:
+        a, i = _get(results, "mm_alternating", k), _get(results, "mm_instant", k)
+        add(f"alternating better than instant at k = {k} (MMD^2)", f"{a['mmd2']:.2e} vs {i['mmd2']:.2e}",
+            bool(a["mmd2"] < i["mmd2"]))
+    marg = [n for n in samples if n.startswith("mm_alternating_marginal_k")]
+    for n in marg:
+        k = int(n.rsplit("_k", 1)[1])
+        post = samples.get(f"mm_alternating_k{k}")
+        if post is not None:
+            tp, tm = float(np.trace(np.cov(post.T))), float(np.trace(np.cov(samples[n].T)))
+            add(f"posterior z_s more diverse than marginal z_s (alternating, k = {k}; total variance)",
+                f"{tp:.3f} vs {tm:.3f}", bool(tp > tm))
+    if not marg:
+        add("posterior z_s more diverse than marginal z_s", "not run (needs --preset full or ablations)", None)
+    for n, h in histories.items():
+        if "instant_loss" in h and len(h["instant_loss"]) > 40:
+            ratio, rate, _ = instant_decay(h)
+            add(f"the instant loss falls roughly exponentially ({n})",
+                f"final/peak {ratio:.3f}, log-rate {rate:.2e}/step", bool(ratio < 0.25 and rate < 0))
+    nogan = [n for n in results if n.startswith("dmd2_nogan_k")]
+    for n in nogan:
+        k = int(n.rsplit("_k", 1)[1])
+        g, ng = _get(results, "dmd2", k), results[n]
+        if g is not None:
+            add(f"DMD2 with GAN better than without (k = {k}, MMD^2)", f"{g['mmd2']:.2e} vs {ng['mmd2']:.2e}",
+                bool(g["mmd2"] < ng["mmd2"]))
+    if not nogan:
+        add("DMD2 with GAN better than without", "not run (needs --preset full or ablations)", None)
+    return rows
+
+
+def targets(results, floor):
+    """The targets of the train.py issue, as measured."""
+    rows = []
+    t1000, t8 = _get(results, "teacher_ancestral", 1000), _get(results, "teacher_ancestral", 8)
+    alt, d1 = _get(results, "mm_alternating", 8), _get(results, "dmd2", 1)
+    if alt and t1000:
+        rows.append(("alternating k=8 MMD^2 <= teacher 1000-step MMD^2", f"{alt['mmd2']:.2e} vs {t1000['mmd2']:.2e}",
+                     alt["mmd2"] <= t1000["mmd2"]))
+        rows.append(("alternating k=8 mode TV <= teacher 1000-step mode TV", f"{alt['mode_tv']:.3f} vs {t1000['mode_tv']:.3f}",
+                     alt["mode_tv"] <= t1000["mode_tv"]))
+        rows.append(("alternating k=8 sampling >= 100x faster than 1000-step teacher",
+                     f"{t1000['sample_seconds'] / alt['sample_seconds']:.0f}x", t1000["sample_seconds"] >= 100 * alt["sample_seconds"]))
+    if alt and t8:
+        rows.append(("alternating k=8 MMD^2 <= 1/3 of teacher 8-step MMD^2", f"{alt['mmd2']:.2e} vs {t8['mmd2'] / 3:.2e}",
+                     alt["mmd2"] <= t8["mmd2"] / 3))
+    if d1 and t1000:
+        rows.append(("DMD2 k=1 MMD^2 within 2x of teacher 1000-step", f"{d1['mmd2']:.2e} vs {2 * t1000['mmd2']:.2e}",
+                     d1["mmd2"] <= 2 * t1000["mmd2"]))
+    for n, r in results.items():
+        if not n.startswith("teacher") and r["k"] >= 4:
+            rows.append((f"{n} MMD^2 within 2x of the noise floor (meaningful with --teacher exact)",
+                         f"{r['mmd2']:.2e} vs {2 * max(floor['mmd2'], 0):.2e}", r["mmd2"] <= 2 * max(floor["mmd2"], 0)))
+    return [{"target": a, "measured": b, "met": bool(c)} for a, b, c in rows]
+
+
+def markdown(cfg, results, floor, phase_log, claim_rows, target_rows):
+    fmt = {"mmd2": "{:.2e}", "energy": "{:.2e}", "mode_precision": "{:.3f}", "mode_recall": "{:.2f}",
+           "mode_tv": "{:.3f}", "avg_loglik": "{:.3f}"}
+    head = "| sampler | NFE | " + " | ".join(METRICS) + " | time for 10k (s) |"
+    lines = [f"# Report: {cfg.data}, teacher {cfg.teacher}, seed {cfg.seed}", "", "## Samplers against the truth", "",
+             head, "|" + "---|" * (len(METRICS) + 3),
+             "| *true vs true (noise floor)* | - | " + " | ".join(fmt[m].format(floor[m]) for m in METRICS) + " | - |"]
+    for n, r in results.items():
+        lines.append(f"| {n} | {r['nfe']} | " + " | ".join(fmt[m].format(r[m]) for m in METRICS) + f" | {r['sample_seconds']:.3f} |")
+    lines += ["", "## Training phases", "", "| phase | time (s) | final losses |", "|---|---|---|"]
+    for n, p in phase_log.items():
+        lines.append(f"| {n} | {p['seconds']:.1f} | " + ", ".join(f"{k} {v:.4g}" for k, v in p["final"].items()) + " |")
+    lines += ["", "## Claims of the papers, in this run", "", "| claim | measured | held |", "|---|---|---|"]
+    for c in claim_rows:
+        lines.append(f"| {c['claim']} | {c['measured']} | {'-' if c['held'] is None else 'yes' if c['held'] else 'no'} |")
+    lines += ["", "## Targets", "", "| target | measured | met |", "|---|---|---|"]
+    lines += [f"| {t['target']} | {t['measured']} | {'yes' if t['met'] else 'no'} |" for t in target_rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot_samples(path, samples, data_samples, n_show=3000):
+    names = ["data"] + [n for n in samples if n in ("teacher_ancestral_k8", "teacher_ancestral_k1000") or not n.startswith("teacher")]
+    cols = min(len(names), 4)
+    rows = -(-len(names) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 3.2 * rows), squeeze=False)
+    lim = np.percentile(np.abs(data_samples[:, :2]), 99.5) * 1.3
+    for ax, n in zip(axes.flat, names):
+        x = data_samples if n == "data" else samples[n]
+        ax.scatter(x[:n_show, 0], x[:n_show, 1], s=1, alpha=0.4)
+        ax.set(title=n, xlim=(-lim, lim), ylim=(-lim, lim), xticks=[], yticks=[])
+    for ax in list(axes.flat)[len(names):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, format="png")
+    plt.close(fig)
+
+
+def plot_losses(path, histories):
+    items = [(n, k, v) for n, h in histories.items() for k, v in h.items()]
+    cols = min(len(items), 4)
+    rows = -(-len(items) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.6 * cols, 2.8 * rows), squeeze=False)
+    for ax, (n, k, v) in zip(axes.flat, items):
+        v = np.asarray(v, np.float64)
+        w = max(len(v) // 50, 1)
+        smooth = np.convolve(v, np.ones(w) / w, mode="valid")
+        if k == "instant_loss":  # Sec. 5.4: informative, plotted on a log axis (its smoothed positive part)
+            ax.semilogy(np.clip(smooth, 1e-12, None))
+        else:
+            ax.plot(smooth)
+        ax.set_title(f"{n}: {k}", fontsize=8)
+    for ax in list(axes.flat)[len(items):]:
+        ax.axis("off")
+    fig.tight_layout()
+    fig.savefig(path, dpi=80, format="png")
+    plt.close(fig)
+
+
+def write_all(run, cfg, results, floor, phase_log, histories, samples, data_samples):
+    import dataclasses  # noqa: PLC0415
+
+    claim_rows = claims(results, histories, samples)
+    target_rows = targets(results, floor)
+    report = {"config": dataclasses.asdict(cfg), "floor": floor, "samplers": results, "phases": phase_log,
+              "claims": claim_rows, "targets": target_rows}
+    run.write_text("report.json", json.dumps(report, indent=1))
+    run.write_text("report.md", markdown(cfg, results, floor, phase_log, claim_rows, target_rows))
+    run.write("samples.png", lambda p: plot_samples(p, samples, data_samples))
+    run.write("losses.png", lambda p: plot_losses(p, histories))

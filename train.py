@@ -1,0 +1,388 @@
+"""`python train.py`: train a teacher, distil students with each algorithm, measure them against the truth.
+
+Phases: teacher (or, with `--teacher exact`, a network regressed onto the closed-form denoiser), then
+one phase per (method, k). Every phase is a sequence of `lax.scan` chunks of its `mmd.*_step`, with
+a checkpoint after each chunk, so `--resume DIR` continues exactly where a run stopped. Then every
+sampler draws 10,000 samples, `metrics.py` scores them against fresh true samples, and `report.py`
+writes the report, the claims table and the plots. Same seed, same numbers.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+from tqdm import tqdm
+
+import data as D
+import mmd
+from models import MLPDenoiser
+from sampling import Schedule, sample
+
+METHODS = ("mm_alternating", "mm_instant", "dmd2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Defaults of the default run (ring8, trained teacher, MM k = 8, DMD2 k = 1 and 4)."""
+
+    data: str = "ring8"  # ring8 | gauss | gmm
+    dim: Optional[int] = None  # data dimension for gauss / gmm (None: their defaults, 8 / 16)
+    teacher: str = "trained"  # trained (MLP) | exact (closed-form denoiser; students regressed onto it)
+    methods: tuple = METHODS
+    mm_steps: tuple = (8,)  # k for mm_alternating and mm_instant
+    dmd2_steps: tuple = (1, 4)  # k for dmd2
+    seed: int = 0
+    zs_sampling: str = "posterior"  # posterior | marginal (Sec. 5.2)
+    weighting: str = "auto"  # auto (flat for k <= 2, else edm; Sec. 3.3) | edm | flat | dmd
+    ttur: int = 5  # DMD2 critic updates per generator update
+    gan: bool = True
+    backward_sim: bool = True
+    ablations: bool = False  # also run the marginal-z_s and no-GAN variants (claims table)
+    batch: int = 256
+    width: int = 128
+    depth: int = 3
+    teacher_steps: int = 8000
+    teacher_lr: float = 2e-3
+    mm_train_steps: int = 3000
+    mm_lr: float = 3e-4
+    instant_lr: float = 1e-4
+    precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
+    dmd2_train_steps: int = 1000
+    dmd2_lr: float = 1e-4
+    teacher_ks: tuple = (1, 2, 4, 8, 1000)
+    n_samples: int = 10_000
+    chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
+
+    def __post_init__(self):
+        D.get_toy(self.data, self.dim)  # raises on unknown data
+        if self.teacher not in ("trained", "exact"):
+            raise ValueError(f"unknown teacher {self.teacher!r}; choose 'trained' or 'exact'")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
+        for k in self.mm_steps + self.dmd2_steps + self.teacher_ks:
+            if not isinstance(k, int) or k < 1:
+                raise ValueError(f"every k (number of sampling steps) must be an integer >= 1; got {k!r}")
+        mmd.MMConfig(weighting="edm" if self.weighting == "auto" else self.weighting, zs_sampling=self.zs_sampling)
+        mmd.DMD2Config(ttur=self.ttur)
+
+
+PRESETS = {
+    "default": Config(),
+    "smoke": Config(width=32, depth=2, batch=128, teacher_steps=300, mm_train_steps=100, dmd2_train_steps=40,
+                    mm_steps=(4,), dmd2_steps=(1, 2), teacher_ks=(1, 2, 4, 8, 1000), chunk=50),
+    "full": Config(mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True),
+}
+
+
+def phases(cfg: Config):
+    """(name, method, k, overrides) for every distillation phase, ablations last."""
+    out = []
+    for method in cfg.methods:
+        for k in cfg.dmd2_steps if method == "dmd2" else cfg.mm_steps:
+            out.append((f"{method}_k{k}", method, k, {}))
+    if cfg.ablations:
+        k_mm, k_dmd = max(cfg.mm_steps), min(cfg.dmd2_steps)
+        if "mm_alternating" in cfg.methods:
+            other = "marginal" if cfg.zs_sampling == "posterior" else "posterior"
+            out.append((f"mm_alternating_{other}_k{k_mm}", "mm_alternating", k_mm, {"zs_sampling": other}))
+        if "dmd2" in cfg.methods and cfg.gan:
+            out.append((f"dmd2_nogan_k{k_dmd}", "dmd2", k_dmd, {"gan": False}))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Run directory, checkpoints, signals.
+
+
+class Stop(Exception):
+    """Training stopped cleanly (signal or --max-chunks); the checkpoint is on disk."""
+
+
+class Run:
+    """The output directory: atomic writes, per-phase checkpoints, and the stop flag set by signals."""
+
+    def __init__(self, out: Path, max_chunks: Optional[int] = None):
+        self.out, self.ckpt = out, out / "checkpoints"
+        self.ckpt.mkdir(parents=True, exist_ok=True)
+        self.stop_reason, self.chunks_left = None, max_chunks
+
+    def write(self, name, write_fn):
+        """Write `out/name` atomically: `write_fn(tmp_path)`, then rename over the target."""
+        path = self.out / name
+        tmp = path.with_name(f".{path.name}.tmp")
+        write_fn(tmp)
+        os.replace(tmp, path)
+
+    def write_text(self, name, text):
+        self.write(name, lambda p: Path(p).write_text(text))
+
+    def write_npz(self, name, arrays):
+        def write(p):
+            with open(p, "wb") as f:
+                np.savez(f, **arrays)
+
+        self.write(name, write)
+
+    def save_phase(self, name, state, step, history, seconds):
+        # history first, then state: a crash in between leaves a longer history, trimmed on load
+        self.write_npz(f"checkpoints/{name}.npz", {"seconds": seconds, **history})
+        self.write(f"checkpoints/{name}.eqx", lambda p: eqx.tree_serialise_leaves(p, (state, jnp.int32(step))))
+
+    def load_phase(self, name, like):
+        path = self.ckpt / f"{name}.eqx"
+        if not path.exists():
+            return None
+        state, step = eqx.tree_deserialise_leaves(path, (like, jnp.int32(0)))
+        with np.load(self.ckpt / f"{name}.npz") as f:
+            history = {k: f[k][: int(step)] for k in f.files if k != "seconds"}
+            seconds = float(f["seconds"])
+        return state, int(step), history, seconds
+
+    def tick(self):
+        """Called after each chunk: raise `Stop` if a signal arrived or the chunk budget is spent."""
+        if self.chunks_left is not None:
+            self.chunks_left -= 1
+            if self.chunks_left <= 0:
+                self.stop_reason = "--max-chunks reached"
+        if self.stop_reason:
+            raise Stop(self.stop_reason)
+
+
+def run_phase(run: Run, name, state, step_fn, num_steps, key, chunk):
+    """Train `state` with `step_fn(state, key) -> (state, metrics)` for `num_steps` steps, resumably.
+
+    Step i uses `fold_in(key, i)`, so chunking and resuming do not change the numbers. A non-finite
+    metric stops training with the phase, step and value; the last good checkpoint stays.
+    """
+    start, history, seconds = 0, {}, 0.0
+    loaded = run.load_phase(name, state)
+    if loaded is not None:
+        state, start, history, seconds = loaded
+
+    @eqx.filter_jit
+    def advance(state, key, steps):
+        return mmd.scan_steps(lambda st, i: step_fn(st, jr.fold_in(key, i)), state, steps)
+
+    with tqdm(total=num_steps, initial=start, desc=name, unit="step", dynamic_ncols=True, file=sys.stdout) as bar:
+        while start < num_steps:
+            n = min(chunk, num_steps - start)
+            t0 = time.perf_counter()
+            new_state, metrics = advance(state, key, start + jnp.arange(n))
+            metrics = {k: np.asarray(v) for k, v in metrics.items()}
+            for k, v in metrics.items():
+                bad = ~np.isfinite(v)
+                if bad.any():
+                    i = int(np.argmax(bad))
+                    raise FloatingPointError(
+                        f"phase {name}: {k} = {v[i]} at step {start + i}; stopped, the last good checkpoint "
+                        f"(step {start}) is in {run.ckpt}"
+                    )
+            seconds += time.perf_counter() - t0
+            state, start = new_state, start + n
+            history = {k: np.concatenate([history.get(k, np.zeros(0, v.dtype)), v]) for k, v in metrics.items()}
+            run.save_phase(name, state, start, history, seconds)
+            bar.update(n)
+            bar.set_postfix({k: f"{v[-1]:.4g}" for k, v in metrics.items()})
+            if start < num_steps:
+                run.tick()
+    return state, history, seconds
+
+
+# ----------------------------------------------------------------------------------------------
+# The phases.
+
+
+def student_network(cfg: Config, toy, schedule):
+    sigma_data = float(np.sqrt(np.mean(np.diag(toy.cov()))))  # EDM preconditioning at the data's scale
+    return MLPDenoiser(toy.dim, width=cfg.width, depth=cfg.depth, sigma_data=sigma_data, schedule=schedule,
+                       key=jr.key(cfg.seed))
+
+
+def train_teacher(run, cfg: Config, toy, schedule, key):
+    """The trained MLP teacher, or (exact) an MLP regressed onto the closed-form denoiser."""
+    opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
+    draw = toy.denoiser.sample
+    kw = dict(optimiser=opt, schedule=schedule)
+    if cfg.teacher == "trained":
+        step = lambda st, k: (lambda s, l: (s, {"loss": l}))(*mmd.teacher_step(st, draw(k, cfg.batch), jr.fold_in(k, 1), **kw))
+    else:
+        step = lambda st, k: (lambda s, l: (s, {"loss": l}))(
+            *mmd.regression_step(st, toy.denoiser, draw(k, cfg.batch), jr.fold_in(k, 1), **kw))
+    state = mmd.init_player(student_network(cfg, toy, schedule), opt)
+    return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk)
+
+
+def distil(run, cfg: Config, name, method, k, overrides, toy, teacher, net, precond, schedule, key):
+    """One distillation phase. `teacher` is what the losses call; `net` the network students start from."""
+    c = dataclasses.replace(cfg, **overrides)
+    draw, b = toy.denoiser.sample, cfg.batch
+    if method == "dmd2":
+        dcfg = mmd.DMD2Config(k=k, ttur=c.ttur, gan=c.gan, backward_sim=c.backward_sim)
+        opt = mmd.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5))
+        state = mmd.init_dmd2(net, jr.key(cfg.seed + 1), opt, dcfg, c.width)
+        step = lambda st, kk: mmd.dmd2_step(st, teacher, jnp.stack([draw(jr.fold_in(kk, i), b) for i in range(dcfg.ttur)]),
+                                            jr.fold_in(kk, 1_000_003), cfg=dcfg, optimiser=opt, schedule=schedule)
+        num = c.dmd2_train_steps
+    else:
+        weighting = c.weighting if c.weighting != "auto" else ("flat" if k <= 2 else "edm")
+        mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling)
+        num = c.mm_train_steps
+        if method == "mm_alternating":
+            opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10))
+            state = mmd.init_alternating(net, opt)
+            step = lambda st, kk: mmd.alternating_step(st, teacher, draw(kk, b), jr.fold_in(kk, 1), cfg=mcfg,
+                                                       optimiser=opt, schedule=schedule)
+        else:
+            opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10))
+            state = mmd.init_player(net, opt)
+            step = lambda st, kk: mmd.instant_step(st, teacher, precond, draw(kk, b), draw(jr.fold_in(kk, 2), b),
+                                                   jr.fold_in(kk, 1), cfg=mcfg, optimiser=opt, schedule=schedule)
+    state, history, seconds = run_phase(run, name, state, step, num, key, cfg.chunk)
+    model = {"dmd2": lambda s: s.generator.model, "mm_alternating": lambda s: s.generator.model}.get(
+        method, lambda s: s.model)(state)
+    return model, history, seconds
+
+
+def draw_samples(model, schedule, key, shape, k, step):
+    """Samples and the wall time of drawing them (compiled beforehand, so compile time is excluded)."""
+    fn = jax.jit(lambda key: sample(model, schedule, key, shape, k, step)).lower(key).compile()
+    t0 = time.perf_counter()
+    x = np.asarray(jax.block_until_ready(fn(key)), np.float32)
+    return x, time.perf_counter() - t0
+
+
+def main(cfg: Config, run: Run):
+    import metrics as M  # noqa: PLC0415
+    import report as R  # noqa: PLC0415
+
+    schedule = Schedule()
+    toy = D.get_toy(cfg.data, cfg.dim, seed=cfg.seed, schedule=schedule)
+    run.write_text("config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+    key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
+
+    teacher_state, history, seconds = train_teacher(run, cfg, toy, schedule, key_teacher)
+    net = teacher_state.model
+    teacher = net if cfg.teacher == "trained" else toy.denoiser
+    phase_log = {"teacher": {"seconds": seconds, "final": {k: float(v[-1]) for k, v in history.items()}}}
+    histories = {"teacher": history}
+    precond = None
+    if "mm_instant" in cfg.methods:
+        if cfg.teacher == "trained":  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the teacher
+            precond = mmd.preconditioner_from_adam(teacher_state.opt_state, eps=cfg.precond_eps)
+        else:  # "calculated fresh by running a few training steps"
+            xs = jnp.stack([toy.sample(jr.fold_in(key_distil, 1_000_003 + i), cfg.batch) for i in range(20)])
+            precond = mmd.estimate_preconditioner(teacher, schedule, xs, key_distil, eps=cfg.precond_eps)
+
+    students = {}
+    for i, (name, method, k, overrides) in enumerate(phases(cfg)):
+        model, history, seconds = distil(run, cfg, name, method, k, overrides, toy, teacher, net, precond, schedule,
+                                         jr.fold_in(key_distil, i))
+        students[name] = (model, "marginal" if method == "dmd2" else "ancestral", k)
+        histories[name] = history
+        phase_log[name] = {"seconds": seconds, "final": {k_: float(v[-1]) for k_, v in history.items()}}
+
+    samplers = {f"teacher_{step}_k{k}": (teacher, step, k) for step in ("ancestral", "ddim") for k in cfg.teacher_ks}
+    samplers.update(students)
+    k_sample, k_ref, k_floor = jr.split(key_eval, 3)
+    samples, results = {}, {}
+    for name, (model, step, k) in tqdm(samplers.items(), desc="evaluate", file=sys.stdout):
+        x, secs = draw_samples(model, schedule, k_sample, (cfg.n_samples, toy.dim), k, step)
+        samples[name] = x
+        results[name] = {"k": k, "nfe": k, "sample_seconds": secs, **M.evaluate(x, toy, k_ref)}
+    floor = M.evaluate_floor(toy, k_floor, cfg.n_samples)
+    data_samples = np.asarray(toy.sample(k_floor, cfg.n_samples))
+    main_keys = [n for n in samples if not any(a in n for a in ("_marginal_", "_posterior_", "_nogan_"))]
+    run.write_npz("samples.npz", {n: samples[n] for n in main_keys})
+    if len(main_keys) < len(samples):
+        run.write_npz("samples_ablations.npz", {n: samples[n] for n in samples if n not in main_keys})
+    R.write_all(run, cfg, results, floor, phase_log, histories, samples, data_samples)
+    return results
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--data", help="ring8 | gauss | gmm")
+    p.add_argument("--dim", type=int, help="data dimension of gauss / gmm")
+    p.add_argument("--teacher", help="trained | exact")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--steps", help="comma-separated k values for every method (e.g. 1,2,4,8)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--zs-sampling", dest="zs_sampling", help="posterior | marginal (Sec. 5.2)")
+    p.add_argument("--weighting", help="auto | edm | flat | dmd")
+    p.add_argument("--ttur", type=int, help="DMD2 critic updates per generator update")
+    p.add_argument("--no-gan", dest="gan", action="store_false", default=None)
+    p.add_argument("--no-backward-sim", dest="backward_sim", action="store_false", default=None)
+    p.add_argument("--out", help="output directory (default runs/<data>-<timestamp>)")
+    p.add_argument("--resume", help="continue the run in this directory with its saved config")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
+    p.add_argument("--max-chunks", type=int, help="stop cleanly after this many training chunks (tests resume)")
+    a = p.parse_args(argv)
+    if a.resume:
+        out = Path(a.resume)
+        if not (out / "config.json").exists():
+            p.error(f"--resume {out}: no config.json there, so no run to resume")
+        fields = json.loads((out / "config.json").read_text())
+        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return cfg, out, a.max_chunks
+    if a.preset not in PRESETS:
+        p.error(f"unknown preset {a.preset!r}; choose one of {sorted(PRESETS)}")
+    over = {k: getattr(a, k) for k in ("data", "dim", "teacher", "seed", "zs_sampling", "weighting", "ttur", "gan",
+                                       "backward_sim") if getattr(a, k) is not None}
+    if a.methods:
+        over["methods"] = tuple(m.strip() for m in a.methods.split(","))
+    if a.steps:
+        try:
+            ks = tuple(int(k) for k in a.steps.split(","))
+        except ValueError:
+            p.error(f"--steps must be comma-separated integers >= 1; got {a.steps!r}")
+        over.update(mm_steps=ks, dmd2_steps=ks)
+    try:
+        cfg = dataclasses.replace(PRESETS[a.preset], **over)
+    except ValueError as e:
+        p.error(str(e))
+    out = Path(a.out or f"runs/{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and any(out.iterdir()) and not a.overwrite:
+        p.error(f"--out {out} exists and is not empty; pass --resume {out} to continue it or --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        p.error(f"cannot write to --out {out}: {e}")
+    return cfg, out, a.max_chunks
+
+
+if __name__ == "__main__":
+    cfg, out, max_chunks = parse()
+    print(f"writing to {out}")
+    run = Run(out, max_chunks)
+
+    def on_signal(signum, frame):  # finish the current chunk, checkpoint, exit
+        run.stop_reason = f"signal {signal.Signals(signum).name}"
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    t0 = time.perf_counter()
+    try:
+        main(cfg, run)
+    except Stop as e:
+        print(f"stopped ({e}); checkpoint saved. Continue with: python train.py --resume {out}")
+        sys.exit(3)
+    except FloatingPointError as e:
+        print(f"training diverged: {e}", file=sys.stderr)
+        sys.exit(2)
+    print(f"done in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")
