@@ -322,21 +322,22 @@ def dmd2_step(state: DMD2State, real, x_real, key, *, cfg: DMD2Config, optimiser
 
     `real` is the teacher (optionally a `losses.GuidedTeacher`); `x_real` is `(ttur, B, *data)`, one
     real batch per critic update (the generator's GAN term needs none; without backward simulation
-    it noises `x_real[0]`). Returns `(state, {"fake_loss", "disc_loss", "dm_loss", "gan_loss"})`.
+    it noises `x_real[0]`), `label` None or `(ttur, B)`: the class of each real example, which the
+    generator is also asked for. Returns `(state, {"fake_loss", "disc_loss", "dm_loss", "gan_loss"})`.
     """
     k_c, k_g = jr.split(key)
     gen = state.generator
 
     def critic_update(critic: Player, inp):
-        x, k = inp
+        x, lab, k = inp
         (_, (fake_loss, disc)), grads = eqx.filter_value_and_grad(critic_loss, has_aux=True)(
-            critic.model, gen.model, schedule, x, k, cfg, label
+            critic.model, gen.model, schedule, x, k, cfg, lab
         )
         return _apply_grads(critic, grads, optimiser), (fake_loss, disc)
 
-    critic, (fake_losses, discs) = scan_steps(critic_update, state.critic, (x_real, jr.split(k_c, cfg.ttur)))
+    critic, (fake_losses, discs) = scan_steps(critic_update, state.critic, (x_real, label, jr.split(k_c, cfg.ttur)))
     (_, (dm, gan)), grads = eqx.filter_value_and_grad(dmd2_generator_loss, has_aux=True)(
-        gen.model, critic.model, real, schedule, x_real[0], k_g, cfg, label
+        gen.model, critic.model, real, schedule, x_real[0], k_g, cfg, None if label is None else label[0]
     )
     gen = _apply_grads(gen, grads, optimiser)
     metrics = {"fake_loss": fake_losses[-1], "disc_loss": discs[-1], "dm_loss": dm, "gan_loss": gan}

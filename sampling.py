@@ -66,8 +66,8 @@ class Schedule(eqx.Module):
 
     `Schedule()` is the cosine schedule. `Schedule.for_resolution(res, base=64)` gives the shifted
     schedule of simple diffusion, `shift = 2 log(base / res)`. Log-SNR is clipped to
-    `[logsnr_min, logsnr_max]` by clipping t itself, so `logsnr`, `alpha_sigma` and their
-    derivatives are finite on all of [0, 1]; at t = 1, `alpha = exp(logsnr_min / 2) ~ 3e-7`.
+    `[logsnr_min, logsnr_max]`, so `logsnr`, `alpha_sigma` and their derivatives are finite on all
+    of [0, 1]; at t = 1, `alpha <= 2e-6` (float32 resolution of t near 1 sets that, with any shift).
     """
 
     shift: float = eqx.field(default=0.0, static=True)
@@ -78,16 +78,13 @@ class Schedule(eqx.Module):
     def for_resolution(cls, res: int, base: int = 64, **kw):
         return cls(shift=2.0 * math.log(base / res), **kw)
 
-    def _t_range(self):
-        # t at which the (unclipped) shifted cosine log-SNR reaches the clip values.
-        t_lo = 2.0 / math.pi * math.atan(math.exp(-(self.logsnr_max - self.shift) / 2))
-        t_hi = 2.0 / math.pi * math.atan(math.exp(-(self.logsnr_min - self.shift) / 2))
-        return t_lo, t_hi
-
     def logsnr(self, t):
-        t = jnp.clip(jnp.asarray(t, jnp.float32), *self._t_range())
-        lam = -2.0 * jnp.log(jnp.tan(0.5 * jnp.pi * t)) + self.shift
-        return jnp.clip(lam, self.logsnr_min, self.logsnr_max)  # float32 rounding of tan near t = 1
+        # tan(pi/2 - x) = 1 / tan(x): evaluate near t = 1 through 1 - t, so float32 never takes the
+        # log of tan(pi/2), which is negative or infinite in float32.
+        t = jnp.clip(jnp.asarray(t, jnp.float32), 1e-7, 1.0 - 1e-7)
+        half = 0.5 * jnp.pi
+        lam = jnp.where(t < 0.5, -2.0 * jnp.log(jnp.tan(half * t)), 2.0 * jnp.log(jnp.tan(half * (1.0 - t))))
+        return jnp.clip(lam + self.shift, self.logsnr_min, self.logsnr_max)
 
     def alpha_sigma(self, t):
         lam = self.logsnr(t)
@@ -162,7 +159,7 @@ def marginal_step(schedule, z_t, x_hat, t, s, key):
 STEPS = {"ancestral": ancestral_step, "ddim": ddim_step, "marginal": marginal_step}
 
 
-def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, step: str = "ancestral"):
+def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, step: str = "ancestral", label=None):
     """Sample on the uniform grid t = 1, (k-1)/k, ..., 1/k as one `lax.scan` (Algorithm 1).
 
     **Arguments:**
@@ -171,6 +168,7 @@ def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, s
     - `shape`: batch shape of the samples, e.g. `(n, d)` or `(n, h, w, c)`.
     - `num_steps`: k >= 1, a Python int.
     - `step`: `"ancestral"` (posterior re-noising), `"ddim"` or `"marginal"`.
+    - `label`: None, or `(n,)` classes for a conditional `denoiser(z, t, label)`.
 
     **Returns:** the last `x_hat`, shaped `shape`.
     """
@@ -178,7 +176,10 @@ def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, s
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; choose one of {sorted(STEPS)}")
     step_fn = STEPS[step]
-    batched = jax.vmap(denoiser, in_axes=(0, None))
+    if label is None:
+        batched = jax.vmap(denoiser, in_axes=(0, None))
+    else:
+        batched = lambda z, t: jax.vmap(denoiser, in_axes=(0, None, 0))(z, t, label)
     z1 = jr.normal(jr.fold_in(key, num_steps), shape)
 
     def body(z_t, i):
@@ -191,14 +192,14 @@ def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, s
     return x_hats[-1]
 
 
-def ancestral_sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int):
+def ancestral_sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, label=None):
     """Algorithm 1: `x_hat = g(z_t, t)`, `z_s ~ q(z_s | z_t, x_hat)`; returns the last `x_hat`."""
-    return sample(denoiser, schedule, key, shape, num_steps, "ancestral")
+    return sample(denoiser, schedule, key, shape, num_steps, "ancestral", label)
 
 
-def ddim_sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int):
+def ddim_sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, label=None):
     """Deterministic DDIM sampler on Algorithm 1's grid (the key only draws z_1)."""
-    return sample(denoiser, schedule, key, shape, num_steps, "ddim")
+    return sample(denoiser, schedule, key, shape, num_steps, "ddim", label)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -25,9 +25,10 @@ import numpy as np
 from tqdm import tqdm
 
 import data as D
+import losses as L
 import mmd
-from models import MLPDenoiser
-from sampling import Schedule, sample
+import tasks
+from sampling import sample
 
 METHODS = ("mm_alternating", "mm_instant", "dmd2")
 
@@ -36,7 +37,7 @@ METHODS = ("mm_alternating", "mm_instant", "dmd2")
 class Config:
     """Defaults of the default run (ring8, trained teacher, MM k = 8, DMD2 k = 1 and 4)."""
 
-    data: str = "ring8"  # ring8 | gauss | gmm
+    data: str = "ring8"  # ring8 | gauss | gmm | digits | npz:PATH
     dim: Optional[int] = None  # data dimension for gauss / gmm (None: their defaults, 8 / 16)
     teacher: str = "trained"  # trained (MLP) | exact (closed-form denoiser; students regressed onto it)
     methods: tuple = METHODS
@@ -63,9 +64,23 @@ class Config:
     teacher_ks: tuple = (1, 2, 4, 8, 1000)
     n_samples: int = 10_000
     chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
+    # images
+    image_width: int = 64
+    image_depth: int = 2
+    guidance: float = 0.0  # classifier-free guidance scale of the teacher (0: none)
+    p_uncond: float = 0.1  # label dropout when training a class-conditional teacher
+    classifier_cache: str = "runs/digits_classifier.eqx"
 
     def __post_init__(self):
-        D.get_toy(self.data, self.dim)  # raises on unknown data
+        if tasks.is_image_data(self.data):
+            if self.data.startswith("npz:") and not Path(self.data[4:]).is_file():
+                raise ValueError(f"--data {self.data}: no such file")
+            if self.teacher != "trained":
+                raise ValueError("--teacher exact needs toy data (ring8, gauss, gmm): images have no closed form")
+        else:
+            D.get_toy(self.data, self.dim)  # raises on unknown data
+        if self.guidance < 0:
+            raise ValueError(f"guidance scale must be >= 0; got {self.guidance}")
         if self.teacher not in ("trained", "exact"):
             raise ValueError(f"unknown teacher {self.teacher!r}; choose 'trained' or 'exact'")
         for m in self.methods:
@@ -83,6 +98,16 @@ PRESETS = {
     "smoke": Config(width=32, depth=2, batch=128, teacher_steps=300, mm_train_steps=100, dmd2_train_steps=40,
                     mm_steps=(4,), dmd2_steps=(1, 2), teacher_ks=(1, 2, 4, 8, 1000), chunk=50),
     "full": Config(mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True),
+}
+# Images (digits, npz:PATH): smaller batches of a larger network; 898 samples, the size of the FD reference.
+IMAGE_PRESETS = {
+    "default": Config(data="digits", batch=128, teacher_steps=4000, teacher_lr=1e-3, mm_train_steps=1500,
+                      dmd2_train_steps=300, teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898, chunk=100),
+    "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
+                    dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 2, 16), n_samples=200, chunk=20),
+    "full": Config(data="digits", batch=128, teacher_steps=4000, teacher_lr=1e-3, mm_train_steps=1500,
+                   dmd2_train_steps=300, teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898, chunk=100,
+                   mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True),
 }
 
 
@@ -204,36 +229,47 @@ def run_phase(run: Run, name, state, step_fn, num_steps, key, chunk):
 # The phases.
 
 
-def student_network(cfg: Config, toy, schedule):
-    sigma_data = float(np.sqrt(np.mean(np.diag(toy.cov()))))  # EDM preconditioning at the data's scale
-    return MLPDenoiser(toy.dim, width=cfg.width, depth=cfg.depth, sigma_data=sigma_data, schedule=schedule,
-                       key=jr.key(cfg.seed))
+def with_labels(step_fn, task: tasks.Task, n, *, dropout=0.0):
+    """Wrap `step_fn(state, key, x, label)` so the batch (and its labels) is drawn inside the step.
+
+    `dropout`: probability of replacing a label by the null class (classifier-free guidance training).
+    """
+
+    def step(state, key):
+        kd, kl, ks = jr.split(key, 3)
+        x, label = task.draw(kd, n)
+        if label is not None and dropout > 0:
+            label = jnp.where(jr.uniform(kl, label.shape) < dropout, task.num_classes, label)
+        return step_fn(state, ks, x, label)
+
+    return step
 
 
-def train_teacher(run, cfg: Config, toy, schedule, key):
-    """The trained MLP teacher, or (exact) an MLP regressed onto the closed-form denoiser."""
+def train_teacher(run, cfg: Config, task: tasks.Task, key):
+    """The trained teacher network, or (exact) a network regressed onto the closed-form denoiser."""
     opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
-    draw = toy.denoiser.sample
-    kw = dict(optimiser=opt, schedule=schedule)
+    kw = dict(optimiser=opt, schedule=task.schedule)
     if cfg.teacher == "trained":
-        step = lambda st, k: (lambda s, l: (s, {"loss": l}))(*mmd.teacher_step(st, draw(k, cfg.batch), jr.fold_in(k, 1), **kw))
+        fn = lambda st, k, x, lab: mmd.teacher_step(st, x, k, label=lab, **kw)
     else:
-        step = lambda st, k: (lambda s, l: (s, {"loss": l}))(
-            *mmd.regression_step(st, toy.denoiser, draw(k, cfg.batch), jr.fold_in(k, 1), **kw))
-    state = mmd.init_player(student_network(cfg, toy, schedule), opt)
+        fn = lambda st, k, x, lab: mmd.regression_step(st, task.exact, x, k, label=lab, **kw)
+    step = with_labels(lambda st, k, x, lab: (lambda s, l: (s, {"loss": l}))(*fn(st, k, x, lab)), task, cfg.batch,
+                       dropout=cfg.p_uncond)
+    state = mmd.init_player(task.network(jr.key(cfg.seed)), opt)
     return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk)
 
 
-def distil(run, cfg: Config, name, method, k, overrides, toy, teacher, net, precond, schedule, key):
+def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teacher, net, precond, key):
     """One distillation phase. `teacher` is what the losses call; `net` the network students start from."""
     c = dataclasses.replace(cfg, **overrides)
-    draw, b = toy.denoiser.sample, cfg.batch
+    b, sched = cfg.batch, task.schedule
     if method == "dmd2":
         dcfg = mmd.DMD2Config(k=k, ttur=c.ttur, gan=c.gan, backward_sim=c.backward_sim)
         opt = mmd.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5))
-        state = mmd.init_dmd2(net, jr.key(cfg.seed + 1), opt, dcfg, c.width)
-        step = lambda st, kk: mmd.dmd2_step(st, teacher, jnp.stack([draw(jr.fold_in(kk, i), b) for i in range(dcfg.ttur)]),
-                                            jr.fold_in(kk, 1_000_003), cfg=dcfg, optimiser=opt, schedule=schedule)
+        state = mmd.init_dmd2(net, jr.key(cfg.seed + 1), opt, dcfg, task.feat_dim)
+        step = with_labels(lambda st, kk, x, lab: mmd.dmd2_step(
+            st, teacher, x.reshape(dcfg.ttur, b, *x.shape[1:]), kk, cfg=dcfg, optimiser=opt, schedule=sched,
+            label=None if lab is None else lab.reshape(dcfg.ttur, b)), task, dcfg.ttur * b)
         num = c.dmd2_train_steps
     else:
         weighting = c.weighting if c.weighting != "auto" else ("flat" if k <= 2 else "edm")
@@ -242,52 +278,56 @@ def distil(run, cfg: Config, name, method, k, overrides, toy, teacher, net, prec
         if method == "mm_alternating":
             opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10))
             state = mmd.init_alternating(net, opt)
-            step = lambda st, kk: mmd.alternating_step(st, teacher, draw(kk, b), jr.fold_in(kk, 1), cfg=mcfg,
-                                                       optimiser=opt, schedule=schedule)
+            step = with_labels(lambda st, kk, x, lab: mmd.alternating_step(
+                st, teacher, x, kk, cfg=mcfg, optimiser=opt, schedule=sched, label=lab), task, b)
         else:
             opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10))
             state = mmd.init_player(net, opt)
-            step = lambda st, kk: mmd.instant_step(st, teacher, precond, draw(kk, b), draw(jr.fold_in(kk, 2), b),
-                                                   jr.fold_in(kk, 1), cfg=mcfg, optimiser=opt, schedule=schedule)
+            step = with_labels(lambda st, kk, x, lab: mmd.instant_step(
+                st, teacher, precond, x[:b], x[b:], kk, cfg=mcfg, optimiser=opt, schedule=sched,
+                label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:]), task, 2 * b)
     state, history, seconds = run_phase(run, name, state, step, num, key, cfg.chunk)
-    model = {"dmd2": lambda s: s.generator.model, "mm_alternating": lambda s: s.generator.model}.get(
-        method, lambda s: s.model)(state)
+    model = state.model if method == "mm_instant" else state.generator.model
     return model, history, seconds
 
 
-def draw_samples(model, schedule, key, shape, k, step):
-    """Samples and the wall time of drawing them (compiled beforehand, so compile time is excluded)."""
-    fn = jax.jit(lambda key: sample(model, schedule, key, shape, k, step)).lower(key).compile()
+def draw_samples(model, task: tasks.Task, key, n, k, step):
+    """Samples (class-conditional on labels 0, 1, 2, ... when the task has classes) and the wall time
+    of drawing them (compiled beforehand, so compile time is excluded)."""
+    label = jnp.arange(n) % task.num_classes if task.num_classes else None
+    fn = jax.jit(lambda key: sample(model, task.schedule, key, (n, *task.shape), k, step, label)).lower(key).compile()
     t0 = time.perf_counter()
     x = np.asarray(jax.block_until_ready(fn(key)), np.float32)
-    return x, time.perf_counter() - t0
+    return x, None if label is None else np.asarray(label), time.perf_counter() - t0
 
 
 def main(cfg: Config, run: Run):
-    import metrics as M  # noqa: PLC0415
     import report as R  # noqa: PLC0415
 
-    schedule = Schedule()
-    toy = D.get_toy(cfg.data, cfg.dim, seed=cfg.seed, schedule=schedule)
+    task = tasks.make_task(cfg)
     run.write_text("config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
 
-    teacher_state, history, seconds = train_teacher(run, cfg, toy, schedule, key_teacher)
+    teacher_state, history, seconds = train_teacher(run, cfg, task, key_teacher)
     net = teacher_state.model
-    teacher = net if cfg.teacher == "trained" else toy.denoiser
+    teacher = net if cfg.teacher == "trained" else task.exact
+    if cfg.guidance > 0:  # guide the teacher only; straight-through gradients (Sec. 3.3)
+        teacher = L.GuidedTeacher(teacher, scale=cfg.guidance)
     phase_log = {"teacher": {"seconds": seconds, "final": {k: float(v[-1]) for k, v in history.items()}}}
     histories = {"teacher": history}
     precond = None
     if "mm_instant" in cfg.methods:
         if cfg.teacher == "trained":  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the teacher
             precond = mmd.preconditioner_from_adam(teacher_state.opt_state, eps=cfg.precond_eps)
+            if cfg.guidance > 0:
+                precond = L.GuidedTeacher(precond, scale=cfg.guidance)
         else:  # "calculated fresh by running a few training steps"
-            xs = jnp.stack([toy.sample(jr.fold_in(key_distil, 1_000_003 + i), cfg.batch) for i in range(20)])
-            precond = mmd.estimate_preconditioner(teacher, schedule, xs, key_distil, eps=cfg.precond_eps)
+            xs = jnp.stack([task.draw(jr.fold_in(key_distil, 1_000_003 + i), cfg.batch)[0] for i in range(20)])
+            precond = mmd.estimate_preconditioner(teacher, task.schedule, xs, key_distil, eps=cfg.precond_eps)
 
     students = {}
     for i, (name, method, k, overrides) in enumerate(phases(cfg)):
-        model, history, seconds = distil(run, cfg, name, method, k, overrides, toy, teacher, net, precond, schedule,
+        model, history, seconds = distil(run, cfg, name, method, k, overrides, task, teacher, net, precond,
                                          jr.fold_in(key_distil, i))
         students[name] = (model, "marginal" if method == "dmd2" else "ancestral", k)
         histories[name] = history
@@ -298,23 +338,23 @@ def main(cfg: Config, run: Run):
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
     samples, results = {}, {}
     for name, (model, step, k) in tqdm(samplers.items(), desc="evaluate", file=sys.stdout):
-        x, secs = draw_samples(model, schedule, k_sample, (cfg.n_samples, toy.dim), k, step)
+        x, label, secs = draw_samples(model, task, k_sample, cfg.n_samples, k, step)
         samples[name] = x
-        results[name] = {"k": k, "nfe": k, "sample_seconds": secs, **M.evaluate(x, toy, k_ref)}
-    floor = M.evaluate_floor(toy, k_floor, cfg.n_samples)
-    data_samples = np.asarray(toy.sample(k_floor, cfg.n_samples))
+        results[name] = {"k": k, "nfe": k, "sample_seconds": secs, **task.evaluate(x, label, k_ref)}
+    floor = task.floor(k_floor)
+    data_samples = np.asarray(task.draw(k_floor, cfg.n_samples)[0])
     main_keys = [n for n in samples if not any(a in n for a in ("_marginal_", "_posterior_", "_nogan_"))]
     run.write_npz("samples.npz", {n: samples[n] for n in main_keys})
     if len(main_keys) < len(samples):
         run.write_npz("samples_ablations.npz", {n: samples[n] for n in samples if n not in main_keys})
-    R.write_all(run, cfg, results, floor, phase_log, histories, samples, data_samples)
+    R.write_all(run, cfg, task.primary, results, floor, phase_log, histories, samples, data_samples)
     return results
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
-    p.add_argument("--data", help="ring8 | gauss | gmm")
+    p.add_argument("--data", help="ring8 | gauss | gmm | digits | npz:PATH (images (N,H,W,C), optional labels)")
     p.add_argument("--dim", type=int, help="data dimension of gauss / gmm")
     p.add_argument("--teacher", help="trained | exact")
     p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
@@ -323,6 +363,7 @@ def parse(argv=None):
     p.add_argument("--zs-sampling", dest="zs_sampling", help="posterior | marginal (Sec. 5.2)")
     p.add_argument("--weighting", help="auto | edm | flat | dmd")
     p.add_argument("--ttur", type=int, help="DMD2 critic updates per generator update")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale of the teacher (images; 0 = none)")
     p.add_argument("--no-gan", dest="gan", action="store_false", default=None)
     p.add_argument("--no-backward-sim", dest="backward_sim", action="store_false", default=None)
     p.add_argument("--out", help="output directory (default runs/<data>-<timestamp>)")
@@ -337,10 +378,11 @@ def parse(argv=None):
         fields = json.loads((out / "config.json").read_text())
         cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
         return cfg, out, a.max_chunks
-    if a.preset not in PRESETS:
-        p.error(f"unknown preset {a.preset!r}; choose one of {sorted(PRESETS)}")
+    presets = IMAGE_PRESETS if a.data and tasks.is_image_data(a.data) else PRESETS
+    if a.preset not in presets:
+        p.error(f"unknown preset {a.preset!r}; choose one of {sorted(presets)}")
     over = {k: getattr(a, k) for k in ("data", "dim", "teacher", "seed", "zs_sampling", "weighting", "ttur", "gan",
-                                       "backward_sim") if getattr(a, k) is not None}
+                                       "backward_sim", "guidance") if getattr(a, k) is not None}
     if a.methods:
         over["methods"] = tuple(m.strip() for m in a.methods.split(","))
     if a.steps:
@@ -350,7 +392,7 @@ def parse(argv=None):
             p.error(f"--steps must be comma-separated integers >= 1; got {a.steps!r}")
         over.update(mm_steps=ks, dmd2_steps=ks)
     try:
-        cfg = dataclasses.replace(PRESETS[a.preset], **over)
+        cfg = dataclasses.replace(presets[a.preset], **over)
     except ValueError as e:
         p.error(str(e))
     out = Path(a.out or f"runs/{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
