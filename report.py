@@ -123,7 +123,7 @@ def targets(results, floor, m="mmd2"):
     return [{"target": a, "measured": b, "met": bool(c)} for a, b, c in rows]
 
 
-def markdown(cfg, results, floor, phase_log, claim_rows, target_rows):
+def markdown(cfg, results, floor, phase_log, claim_rows, target_rows, batch):
     metrics = [k for k in next(iter(results.values())) if k not in ("k", "nfe", "sample_seconds")]
     fmt = {k: "{:.3g}" for k in metrics}
     fmt.update({"mmd2": "{:.2e}", "energy": "{:.2e}", "mode_precision": "{:.3f}", "mode_recall": "{:.2f}"})
@@ -135,7 +135,9 @@ def markdown(cfg, results, floor, phase_log, claim_rows, target_rows):
              "| *real vs real (noise floor)* | - | " + " | ".join(show(floor, m) for m in METRICS) + " | - |"]
     for n, r in results.items():
         lines.append(f"| {n} | {r['nfe']} | " + " | ".join(show(r, m) for m in METRICS) + f" | {r['sample_seconds']:.3f} |")
-    lines += ["", "## Training phases", "", "| phase | time (s) | final losses |", "|---|---|---|"]
+    lines += ["", "## Training phases", "", f"Global batch {batch['global_batch']} = {batch['per_device_batch']} per device"
+              f" x {batch['devices']} {batch['platform']} device(s), {batch['processes']} process(es).", "",
+              "| phase | time (s) | final losses |", "|---|---|---|"]
     for n, p in phase_log.items():
         lines.append(f"| {n} | {p['seconds']:.1f} | " + ", ".join(f"{k} {v:.4g}" for k, v in p["final"].items()) + " |")
     lines += ["", "## Claims of the papers, in this run", "", "| claim | measured | held |", "|---|---|---|"]
@@ -201,14 +203,14 @@ def plot_losses(path, histories):
     plt.close(fig)
 
 
-def write_all(run, cfg, primary, results, floor, phase_log, histories, samples, data_samples):
+def write_all(run, cfg, primary, results, floor, phase_log, histories, samples, data_samples, batch):
     import dataclasses  # noqa: PLC0415
 
     claim_rows = claims(results, histories, samples, primary)
     target_rows = targets(results, floor, primary)
-    report = {"config": dataclasses.asdict(cfg), "floor": floor, "samplers": results, "phases": phase_log,
-              "claims": claim_rows, "targets": target_rows}
+    report = {"config": dataclasses.asdict(cfg), "batch": batch, "floor": floor, "samplers": results,
+              "phases": phase_log, "claims": claim_rows, "targets": target_rows}
     run.write_text("report.json", json.dumps(report, indent=1))
-    run.write_text("report.md", markdown(cfg, results, floor, phase_log, claim_rows, target_rows))
+    run.write_text("report.md", markdown(cfg, results, floor, phase_log, claim_rows, target_rows, batch))
     run.write("samples.png", lambda p: plot_samples(p, samples, data_samples))
     run.write("losses.png", lambda p: plot_losses(p, histories))

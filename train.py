@@ -27,6 +27,7 @@ from tqdm import tqdm
 import data as D
 import losses as L
 import mmd
+import parallel
 import tasks
 from sampling import sample
 
@@ -56,8 +57,8 @@ class Config:
     teacher_steps: int = 8000
     teacher_lr: float = 2e-3
     mm_train_steps: int = 3000
-    mm_lr: float = 3e-4
-    instant_lr: float = 1e-4
+    mm_lr: float = 1e-4
+    instant_lr: float = 3e-4
     precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
     dmd2_train_steps: int = 1000
     dmd2_lr: float = 1e-4
@@ -229,15 +230,16 @@ def run_phase(run: Run, name, state, step_fn, num_steps, key, chunk):
 # The phases.
 
 
-def with_labels(step_fn, task: tasks.Task, n, *, dropout=0.0):
-    """Wrap `step_fn(state, key, x, label)` so the batch (and its labels) is drawn inside the step.
+def with_labels(step_fn, task: tasks.Task, n, mesh, *, dropout=0.0):
+    """Wrap `step_fn(state, key, x, label)` so the batch (and its labels) is drawn inside the step,
+    split over the devices of `mesh` (data parallelism; the step functions are unchanged).
 
     `dropout`: probability of replacing a label by the null class (classifier-free guidance training).
     """
 
     def step(state, key):
         kd, kl, ks = jr.split(key, 3)
-        x, label = task.draw(kd, n)
+        x, label = parallel.constrain_batch(task.draw(kd, n), mesh)
         if label is not None and dropout > 0:
             label = jnp.where(jr.uniform(kl, label.shape) < dropout, task.num_classes, label)
         return step_fn(state, ks, x, label)
@@ -245,7 +247,7 @@ def with_labels(step_fn, task: tasks.Task, n, *, dropout=0.0):
     return step
 
 
-def train_teacher(run, cfg: Config, task: tasks.Task, key):
+def train_teacher(run, cfg: Config, task: tasks.Task, mesh, key):
     """The trained teacher network, or (exact) a network regressed onto the closed-form denoiser."""
     opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
     kw = dict(optimiser=opt, schedule=task.schedule)
@@ -254,12 +256,12 @@ def train_teacher(run, cfg: Config, task: tasks.Task, key):
     else:
         fn = lambda st, k, x, lab: mmd.regression_step(st, task.exact, x, k, label=lab, **kw)
     step = with_labels(lambda st, k, x, lab: (lambda s, l: (s, {"loss": l}))(*fn(st, k, x, lab)), task, cfg.batch,
-                       dropout=cfg.p_uncond)
-    state = mmd.init_player(task.network(jr.key(cfg.seed)), opt)
+                       mesh, dropout=cfg.p_uncond)
+    state = parallel.replicate(mmd.init_player(task.network(jr.key(cfg.seed)), opt), mesh)
     return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk)
 
 
-def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teacher, net, precond, key):
+def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh, key):
     """One distillation phase. `teacher` is what the losses call; `net` the network students start from."""
     c = dataclasses.replace(cfg, **overrides)
     b, sched = cfg.batch, task.schedule
@@ -269,7 +271,7 @@ def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teach
         state = mmd.init_dmd2(net, jr.key(cfg.seed + 1), opt, dcfg, task.feat_dim)
         step = with_labels(lambda st, kk, x, lab: mmd.dmd2_step(
             st, teacher, x.reshape(dcfg.ttur, b, *x.shape[1:]), kk, cfg=dcfg, optimiser=opt, schedule=sched,
-            label=None if lab is None else lab.reshape(dcfg.ttur, b)), task, dcfg.ttur * b)
+            label=None if lab is None else lab.reshape(dcfg.ttur, b)), task, dcfg.ttur * b, mesh)
         num = c.dmd2_train_steps
     else:
         weighting = c.weighting if c.weighting != "auto" else ("flat" if k <= 2 else "edm")
@@ -279,14 +281,14 @@ def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teach
             opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10))
             state = mmd.init_alternating(net, opt)
             step = with_labels(lambda st, kk, x, lab: mmd.alternating_step(
-                st, teacher, x, kk, cfg=mcfg, optimiser=opt, schedule=sched, label=lab), task, b)
+                st, teacher, x, kk, cfg=mcfg, optimiser=opt, schedule=sched, label=lab), task, b, mesh)
         else:
             opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10))
             state = mmd.init_player(net, opt)
             step = with_labels(lambda st, kk, x, lab: mmd.instant_step(
                 st, teacher, precond, x[:b], x[b:], kk, cfg=mcfg, optimiser=opt, schedule=sched,
-                label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:]), task, 2 * b)
-    state, history, seconds = run_phase(run, name, state, step, num, key, cfg.chunk)
+                label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:]), task, 2 * b, mesh)
+    state, history, seconds = run_phase(run, name, parallel.replicate(state, mesh), step, num, key, cfg.chunk)
     model = state.model if method == "mm_instant" else state.generator.model
     return model, history, seconds
 
@@ -305,10 +307,13 @@ def main(cfg: Config, run: Run):
     import report as R  # noqa: PLC0415
 
     task = tasks.make_task(cfg)
+    parallel.maybe_initialize_distributed()
+    mesh = parallel.data_mesh()
+    parallel.batch_split(cfg.batch, mesh)  # raises before training if the batch does not divide
     run.write_text("config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
 
-    teacher_state, history, seconds = train_teacher(run, cfg, task, key_teacher)
+    teacher_state, history, seconds = train_teacher(run, cfg, task, mesh, key_teacher)
     net = teacher_state.model
     teacher = net if cfg.teacher == "trained" else task.exact
     if cfg.guidance > 0:  # guide the teacher only; straight-through gradients (Sec. 3.3)
@@ -327,7 +332,7 @@ def main(cfg: Config, run: Run):
 
     students = {}
     for i, (name, method, k, overrides) in enumerate(phases(cfg)):
-        model, history, seconds = distil(run, cfg, name, method, k, overrides, task, teacher, net, precond,
+        model, history, seconds = distil(run, cfg, name, method, k, overrides, task, teacher, net, precond, mesh,
                                          jr.fold_in(key_distil, i))
         students[name] = (model, "marginal" if method == "dmd2" else "ancestral", k)
         histories[name] = history
@@ -347,7 +352,8 @@ def main(cfg: Config, run: Run):
     run.write_npz("samples.npz", {n: samples[n] for n in main_keys})
     if len(main_keys) < len(samples):
         run.write_npz("samples_ablations.npz", {n: samples[n] for n in samples if n not in main_keys})
-    R.write_all(run, cfg, task.primary, results, floor, phase_log, histories, samples, data_samples)
+    R.write_all(run, cfg, task.primary, results, floor, phase_log, histories, samples, data_samples,
+                parallel.describe_batch(cfg.batch, mesh))
     return results
 
 
