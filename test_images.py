@@ -23,9 +23,9 @@ NUM_CLASSES = 10
 def perturbed(model, key, scale=0.1):
     """The model with a random (non-zero) output conv, so F actually reaches x_hat."""
     kw, kb = jr.split(key)
-    w, b = model.out.weight, model.out.bias
+    w, b = model.out.conv.weight, model.out.conv.bias
     return eqx.tree_at(
-        lambda m: (m.out.weight, m.out.bias), model, (scale * jr.normal(kw, w.shape), scale * jr.normal(kb, b.shape))
+        lambda m: (m.out.conv.weight, m.out.conv.bias), model, (scale * jr.normal(kw, w.shape), scale * jr.normal(kb, b.shape))
     )
 
 
@@ -234,3 +234,16 @@ def test_overfit_smoke(base8):
     after = jax.tree.leaves(eqx.filter(model, eqx.is_array))
     frozen = [jax.tree_util.keystr(p) for (p, b), a in zip(before, after) if np.array_equal(b, a)]
     assert not frozen, f"parameters that never moved: {frozen}"
+
+
+@pytest.mark.parametrize("kernel, padding", [(3, 1), (1, 0)])
+def test_conv_equals_equinox_conv2d(kernel, padding):
+    """models.Conv (shifted copies + einsum, fast inside lax.scan on CPU) computes eqx.nn.Conv2d exactly."""
+    from models import Conv  # noqa: PLC0415
+
+    conv = Conv(3, 5, kernel, padding=padding, key=jr.key(0))
+    x = jr.normal(jr.key(1), (3, 8, 8))
+    np.testing.assert_allclose(conv(x), conv.conv(x), rtol=1e-5, atol=1e-5)
+    # bites: a kernel flipped in space (a correlation vs convolution mix-up) differs
+    flipped = eqx.tree_at(lambda c: c.conv.weight, conv, conv.conv.weight[:, :, ::-1, ::-1])
+    assert kernel == 1 or not np.allclose(flipped(x), conv.conv(x), atol=1e-3)

@@ -11,6 +11,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import sys
 import time
@@ -102,7 +103,7 @@ PRESETS = {
 }
 # Images (digits, npz:PATH): smaller batches of a larger network; 898 samples, the size of the FD reference.
 IMAGE_PRESETS = {
-    "default": Config(data="digits", batch=128, teacher_steps=4000, teacher_lr=1e-3, mm_train_steps=1500,
+    "default": Config(data="digits", batch=128, teacher_steps=3000, teacher_lr=1e-3, mm_train_steps=1000,
                       dmd2_train_steps=300, teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898, chunk=100),
     "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
                     dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 2, 16), n_samples=200, chunk=20),
@@ -176,12 +177,14 @@ class Run:
             seconds = float(f["seconds"])
         return state, int(step), history, seconds
 
-    def tick(self):
-        """Called after each chunk: raise `Stop` if a signal arrived or the chunk budget is spent."""
+    def count_chunk(self):
         if self.chunks_left is not None:
             self.chunks_left -= 1
             if self.chunks_left <= 0:
                 self.stop_reason = "--max-chunks reached"
+
+    def check(self):
+        """Raise `Stop` if a signal arrived or the chunk budget is spent (before each chunk and evaluation)."""
         if self.stop_reason:
             raise Stop(self.stop_reason)
 
@@ -199,30 +202,34 @@ def run_phase(run: Run, name, state, step_fn, num_steps, key, chunk):
 
     @eqx.filter_jit
     def advance(state, key, steps):
-        return mmd.scan_steps(lambda st, i: step_fn(st, jr.fold_in(key, i)), state, steps)
+        state, metrics = mmd.scan_steps(lambda st, i: step_fn(st, jr.fold_in(key, i)), state, steps)
+        leaves = jax.tree.leaves(eqx.filter(state, eqx.is_inexact_array))
+        finite = jnp.all(jnp.array([jnp.all(jnp.isfinite(a)) for a in leaves])) if leaves else jnp.array(True)
+        return state, metrics, finite
 
     with tqdm(total=num_steps, initial=start, desc=name, unit="step", dynamic_ncols=True, file=sys.stdout) as bar:
         while start < num_steps:
+            run.check()
             n = min(chunk, num_steps - start)
             t0 = time.perf_counter()
-            new_state, metrics = advance(state, key, start + jnp.arange(n))
+            new_state, metrics, finite = advance(state, key, start + jnp.arange(n))
             metrics = {k: np.asarray(v) for k, v in metrics.items()}
+            kept = f"the last good checkpoint (step {start}) is in {run.ckpt}" if start else "no checkpoint of this phase yet"
             for k, v in metrics.items():
                 bad = ~np.isfinite(v)
                 if bad.any():
                     i = int(np.argmax(bad))
-                    raise FloatingPointError(
-                        f"phase {name}: {k} = {v[i]} at step {start + i}; stopped, the last good checkpoint "
-                        f"(step {start}) is in {run.ckpt}"
-                    )
+                    raise FloatingPointError(f"phase {name}: {k} = {v[i]} at step {start + i}; stopped, {kept}")
+            if not bool(finite):
+                raise FloatingPointError(f"phase {name}: non-finite weights after step {start + n - 1} "
+                                         f"(losses {', '.join(f'{k} = {v[-1]:.4g}' for k, v in metrics.items())}); stopped, {kept}")
             seconds += time.perf_counter() - t0
             state, start = new_state, start + n
             history = {k: np.concatenate([history.get(k, np.zeros(0, v.dtype)), v]) for k, v in metrics.items()}
             run.save_phase(name, state, start, history, seconds)
             bar.update(n)
             bar.set_postfix({k: f"{v[-1]:.4g}" for k, v in metrics.items()})
-            if start < num_steps:
-                run.tick()
+            run.count_chunk()
     return state, history, seconds
 
 
@@ -338,6 +345,7 @@ def main(cfg: Config, run: Run):
         histories[name] = history
         phase_log[name] = {"seconds": seconds, "final": {k_: float(v[-1]) for k_, v in history.items()}}
 
+    run.check()
     samplers = {f"teacher_{step}_k{k}": (teacher, step, k) for step in ("ancestral", "ddim") for k in cfg.teacher_ks}
     samplers.update(students)
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
@@ -381,8 +389,11 @@ def parse(argv=None):
         out = Path(a.resume)
         if not (out / "config.json").exists():
             p.error(f"--resume {out}: no config.json there, so no run to resume")
-        fields = json.loads((out / "config.json").read_text())
-        cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        try:
+            fields = json.loads((out / "config.json").read_text())
+            cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+            p.error(f"--resume {out}: bad config.json: {e}")
         return cfg, out, a.max_chunks
     presets = IMAGE_PRESETS if a.data and tasks.is_image_data(a.data) else PRESETS
     if a.preset not in presets:
@@ -402,8 +413,14 @@ def parse(argv=None):
     except ValueError as e:
         p.error(str(e))
     out = Path(a.out or f"runs/{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a directory")
     if out.exists() and any(out.iterdir()) and not a.overwrite:
         p.error(f"--out {out} exists and is not empty; pass --resume {out} to continue it or --overwrite")
+    if a.overwrite and out.exists():  # a fresh run: old checkpoints would otherwise be resumed
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for f in ("report.md", "report.json", "samples.npz", "samples_ablations.npz", "samples.png", "losses.png"):
+            (out / f).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / ".write-test"
@@ -432,5 +449,8 @@ if __name__ == "__main__":
         sys.exit(3)
     except FloatingPointError as e:
         print(f"training diverged: {e}", file=sys.stderr)
+        sys.exit(4)
+    except ValueError as e:  # bad data found only once loaded (NaN, shapes, batch vs devices)
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"done in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")

@@ -1,0 +1,214 @@
+"""Benchmarks: sampler convergence with the exact teacher, and the cost of one update per algorithm.
+
+`python benchmarks.py sampler|steps|all [--batch B] [--width W] [--scan N] [--repeats R]` prints
+markdown tables.
+
+- `sampler`: `sampler_error` (relative error of sample mean and covariance, `test_mmd`) of ancestral
+  and DDIM sampling with the exact `GaussianDenoiser`, for 1 ... 512 steps, beside the Monte-Carlo
+  noise floor; and the error of the recovered component weight of a two-component mixture.
+- `steps`: the steady-state time of one update of each algorithm (run `--scan` times inside
+  `mmd.scan_steps` under one `eqx.filter_jit`, so Python overhead is excluded) as a ratio to one
+  teacher training step, beside the ratio implied by counting network evaluations (`NFE`), and the
+  compile time of each step. Rounds are interleaved over the algorithms and each ratio is the median
+  of per-round ratios, so a background load that drifts hits numerator and denominator alike.
+"""
+
+import argparse
+import time
+
+import equinox as eqx
+import jax
+import jax.random as jr
+import numpy as np
+
+import mmd
+from models import GaussianDenoiser, MixtureDenoiser, MLPDenoiser
+from sampling import Schedule, ancestral_sample, ddim_sample
+from test_mmd import RING2, _component_fractions, random_cov, sampler_error, sampler_noise_floor
+
+SEED = 0
+NUM_STEPS = (1, 2, 4, 8, 64, 512)
+SAMPLERS = {"ancestral": ancestral_sample, "ddim": ddim_sample}
+
+# Network evaluations per update: forward 1, forward + backward 3, JVP 2, forward + backward to the
+# input only (no weight gradients) 2. DMD2's discriminator head is not a network evaluation (NOTES).
+NFE = {
+    "teacher": (3, "model fwd+bwd 3"),
+    "alternating": (10, "aux update (gen fwd 1 + teacher fwd 1 + aux fwd+bwd 3) + gen update (gen fwd+bwd 3 "
+                        "+ aux fwd 1 + teacher fwd 1)"),
+    "instant": (9, "gen fwd 1 on B' + teacher fwd+bwd 3 on B' + gen fwd+bwd 3 on B + teacher JVP 2 on B"),
+    "dmd2": (57, "5 x critic (gen fwd 1 + fake fwd+bwd 3 + fake features fwd+bwd on real and fake 6) + gen update "
+                 "(gen fwd+bwd 3 + real fwd 1 + fake fwd 1 + fake features fwd + input-only bwd 2)"),
+}
+NOTES = """Notes: counts follow mmd.py/losses.py at k = 8 (MM) and DMD2Config() (k = 1, ttur = 5, GAN on; k = 1
+needs no backward simulation). Finer counts: Algorithm 3's JVP is in the teacher's *parameters*, so its
+tangent has two matmuls per layer (dW x + W dx), ~3 rather than 2; DMD2's discriminator head (a
+width-128 MLP) runs fwd+bwd twice per critic update and fwd + input-only bwd once per generator
+update, uncounted above. Each update also runs its optimiser (1 teacher, 2 alternating, 1 instant,
+ttur + 1 DMD2). Compile = first call minus a steady call (tracing + XLA compilation); the target is
+judged on CPU seconds, which depend little on the machine's load and bound the wall time on an idle
+machine; wall seconds are shown too."""
+
+
+def markdown(header, rows):
+    """A markdown table from a header and rows of already-formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Sampler convergence with the exact teacher.
+
+
+@eqx.filter_jit
+def _draw(denoiser, key, sampler, shape, num_steps):
+    return SAMPLERS[sampler](denoiser, denoiser.schedule, key, shape, num_steps)
+
+
+def sampler_table(n=20_000, num_steps=NUM_STEPS, dims=(2, 8), seed=SEED):
+    """Markdown table of sampler errors (rows: data and sampler; columns: num_steps).
+
+    Gaussian rows: `sampler_error` of `n` samples from N(mu, cov), cov = `random_cov` with eigenvalues
+    in [0.02, 1] (as `test_mmd.test_sampler_converges_with_exact_teacher`); floor = `sampler_noise_floor`.
+    Mixture rows (`test_mmd.RING2`): |fraction of samples with x_0 < 0 - 0.3|; floor = its binomial std error.
+    Every (data, sampler, num_steps) uses the key `fold_in(fold_in(key(seed), d), num_steps)`, d = 0 for the mixture.
+    """
+    key = jr.key(seed)
+    rows, floors = [], []
+    for d in dims:
+        rng = np.random.default_rng(seed + d)
+        mu, cov = rng.normal(size=d), random_cov(rng, d, 0.02, 1.0)
+        den, floor = GaussianDenoiser(mu, cov), sampler_noise_floor(cov, n)
+        floors.append(f"d = {d}: {floor:.4f}")
+        for name in SAMPLERS:
+            errs = [sampler_error(np.asarray(_draw(den, jr.fold_in(jr.fold_in(key, d), k), name, (n, d), k)), mu, cov)
+                    for k in num_steps]
+            rows.append([f"Gaussian d = {d}", name, f"{floor:.4f}"] + [f"{e:.4f}" for e in errs])
+    mix, w = MixtureDenoiser(**RING2), RING2["weights"][0]
+    floor = np.sqrt(w * (1 - w) / n)
+    floors.append(f"mixture weight: {floor:.4f}")
+    for name in SAMPLERS:
+        draws = [np.asarray(_draw(mix, jr.fold_in(jr.fold_in(key, 0), k), name, (n, 2), k)) for k in num_steps]
+        errs = [abs(_component_fractions(x)[0] - w) for x in draws]
+        rows.append(["mixture 0.3/0.7, weight error", name, f"{floor:.4f}"] + [f"{e:.4f}" for e in errs])
+    title = f"Sampler error with the exact teacher, {n} samples (noise floor {', '.join(floors)})\n\n"
+    return title + markdown(["data", "sampler", "floor"] + [f"k = {k}" for k in num_steps], rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Cost of one update per algorithm.
+
+
+def make_steps(batch=256, width=128, depth=3, seed=SEED, names=tuple(NFE)):
+    """`{name: (state, step)}` for `names` (of `NFE`'s keys) and `frozen`, on 2-D Gaussian data.
+
+    `step(state, frozen, key) -> (state, metrics)` draws its data inside the step from
+    `frozen["data"].sample` (the same for every algorithm) and reads the frozen teacher (the MLP
+    itself, untrained: the cost does not depend on the weights) and instant MM's preconditioner
+    from `frozen`, so nothing large is closed over as a constant.
+    """
+    key, schedule = jr.key(seed), Schedule()
+    rng = np.random.default_rng(seed)
+    data = GaussianDenoiser(rng.normal(size=2), random_cov(rng, 2, 0.02, 1.0))
+    net = MLPDenoiser(2, width=width, depth=depth, key=jr.fold_in(key, 0))
+    frozen = {"data": data, "teacher": net}
+    if "instant" in names:
+        xs = data.sample(jr.fold_in(key, 1), 8 * batch).reshape(8, batch, 2)
+        frozen["precond"] = eqx.filter_jit(mmd.estimate_preconditioner)(net, schedule, xs, jr.fold_in(key, 2))
+    t_opt, m_opt, d_opt = mmd.teacher_optimiser(), mmd.mm_optimiser(), mmd.dmd2_optimiser()
+    mcfg, dcfg = mmd.MMConfig(), mmd.DMD2Config()
+    draw = lambda f, k, n: f["data"].sample(k, n)
+
+    def teacher(st, f, k):
+        return mmd.teacher_step(st, draw(f, k, batch), jr.fold_in(k, 1), optimiser=t_opt, schedule=schedule)
+
+    def alternating(st, f, k):
+        return mmd.alternating_step(st, f["teacher"], draw(f, k, batch), jr.fold_in(k, 1), cfg=mcfg,
+                                    optimiser=m_opt, schedule=schedule)
+
+    def instant(st, f, k):
+        return mmd.instant_step(st, f["teacher"], f["precond"], draw(f, k, batch), draw(f, jr.fold_in(k, 2), batch),
+                                jr.fold_in(k, 1), cfg=mcfg, optimiser=m_opt, schedule=schedule)
+
+    def dmd2(st, f, k):
+        x_real = draw(f, k, dcfg.ttur * batch).reshape(dcfg.ttur, batch, 2)
+        return mmd.dmd2_step(st, f["teacher"], x_real, jr.fold_in(k, 1), cfg=dcfg, optimiser=d_opt, schedule=schedule)
+
+    inits = {
+        "teacher": lambda: (mmd.init_player(net, t_opt), teacher),
+        "alternating": lambda: (mmd.init_alternating(net, m_opt), alternating),
+        "instant": lambda: (mmd.init_player(net, m_opt), instant),
+        "dmd2": lambda: (mmd.init_dmd2(net, jr.fold_in(key, 3), d_opt, dcfg, width), dmd2),
+    }
+    return {name: inits[name]() for name in names}, frozen
+
+
+@eqx.filter_jit
+def _run(step, state, frozen, keys):
+    """`len(keys)` updates as one `lax.scan` (the state is not fed back between calls: same work each call)."""
+    return mmd.scan_steps(lambda st, k: step(st, frozen, k), state, keys)
+
+
+def time_steps(steps, frozen, scan=50, repeats=7, seed=SEED):
+    """Per step name: `(first, steady)`, each an array `[wall s, CPU s]` of one call of `scan` updates;
+    `first` is the compiling call, `steady` `(repeats, 2)` are later calls, rounds interleaved over names."""
+    keys = jr.split(jr.key(seed), scan)
+
+    def timed(state, step):
+        w, c = time.perf_counter(), time.process_time()
+        jax.block_until_ready(_run(step, state, frozen, keys))
+        return np.array([time.perf_counter() - w, time.process_time() - c])
+
+    first = {name: timed(*sf) for name, sf in steps.items()}
+    steady = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, sf in steps.items():
+            steady[name].append(timed(*sf))
+    return {name: (first[name], np.array(steady[name])) for name in steps}
+
+
+def steps_table(batch=256, width=128, depth=3, scan=50, repeats=7, seed=SEED, names=tuple(NFE)):
+    """Markdown table: per-step ms, measured and NFE ratios to a teacher step, compile seconds, targets.
+
+    `names`: which of `NFE`'s keys to time; the teacher (the unit) always is.
+    """
+    steps, frozen = make_steps(batch, width, depth, seed, ("teacher",) + tuple(n for n in names if n != "teacher"))
+    timings = time_steps(steps, frozen, scan, repeats, seed)
+    base, base_nfe = timings["teacher"][1][:, 0], NFE["teacher"][0]
+    rows = []
+    for name, (first, steady) in timings.items():
+        ratio = float(np.median(steady[:, 0] / base))  # per-round ratios: drift in load cancels
+        nfe, count = NFE[name]
+        rel = ratio / (nfe / base_nfe)
+        wall, cpu = first - np.median(steady, axis=0)
+        ms = 1e3 * np.median(steady[:, 0]) / scan
+        rows.append([name, f"{ms:.2f}", f"{ratio:.2f}", f"{nfe / base_nfe:.2f} ({nfe}/{base_nfe})", f"{rel:.2f}",
+                     "met" if 1 / 1.5 <= rel <= 1.5 else "not met", f"{cpu:.1f}", f"{wall:.1f}",
+                     "met" if cpu < 10 else "not met", count])
+    title = (f"Cost of one update, MLPDenoiser(2, width={width}, depth={depth}), batch {batch}, {scan} updates per "
+             f"timed scan, median of {repeats} interleaved rounds (jax {jax.__version__}, "
+             f"{jax.devices()[0].platform})\n\n")
+    header = ["step", "ms / step", "measured ratio", "NFE ratio", "measured / NFE", "within 1.5x",
+              "compile CPU s", "compile wall s", "compile < 10 s", "NFE count"]
+    return title + markdown(header, rows) + "\n\n" + NOTES
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("name", choices=("sampler", "steps", "all"))
+    p.add_argument("--batch", type=int, default=256)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--scan", type=int, default=50, help="updates per timed call")
+    p.add_argument("--repeats", type=int, default=7, help="timed calls per step (median)")
+    args = p.parse_args(argv)
+    if args.name in ("sampler", "all"):
+        t0 = time.perf_counter()
+        print(f"{sampler_table()}\n\n(sampler benchmark: {time.perf_counter() - t0:.0f} s)\n", flush=True)
+    if args.name in ("steps", "all"):
+        t0 = time.perf_counter()
+        table = steps_table(args.batch, args.width, scan=args.scan, repeats=args.repeats)
+        print(f"{table}\n\n(steps benchmark: {time.perf_counter() - t0:.0f} s)", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,464 @@
+"""End-to-end tests of train.py: resume == uninterrupted, determinism, divergence, SIGTERM, bad CLI input, the report.
+
+Everything runs a tiny configuration (`TINY`, seconds of training). One uninterrupted run (`run_a`) is shared by the
+tests. The JAX persistent compilation cache is switched on for this module only (a fresh directory per session):
+the resumed and the CLI runs compile the same programs as `run_a`, and loading them instead of compiling them again
+saves most of the time of this file. It changes no numbers (the cached executable is the one XLA compiled).
+"""
+
+import dataclasses
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import train
+
+HERE = Path(__file__).resolve().parent
+
+# Small enough to train in seconds, large enough that every phase has several chunks (so a run can stop mid-phase).
+TINY = dataclasses.replace(
+    train.PRESETS["smoke"], width=16, depth=1, batch=32, teacher_steps=40, mm_train_steps=30, dmd2_train_steps=20,
+    mm_steps=(2,), dmd2_steps=(1,), ttur=2, teacher_ks=(1,), n_samples=1000, chunk=10,
+)
+SAMPLERS = {"teacher_ancestral", "teacher_ddim", *train.METHODS}
+REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "losses.png")
+METRICS = ("mmd2", "energy", "mode_precision", "mode_recall", "mode_tv", "avg_loglik")
+CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+               "jax_persistent_cache_min_entry_size_bytes")
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers and fixtures.
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+    """Persistent compilation cache for this module (and its subprocesses, via `cache_env`); restored afterwards."""
+    from jax.experimental.compilation_cache import compilation_cache as cc  # noqa: PLC0415
+
+    old = {f: getattr(jax.config, f) for f in CACHE_FLAGS}
+    path = tmp_path_factory.mktemp("jax-cache")
+    new = dict(zip(CACHE_FLAGS, (str(path), 0.0, -1)))
+    for f, v in new.items():
+        jax.config.update(f, v)
+    cc.reset_cache()  # the cache is set up once per process, on first use: let it see the new directory
+    yield new
+    for f, v in old.items():
+        jax.config.update(f, v)
+    cc.reset_cache()
+
+
+def cache_env(compile_cache):
+    return {**os.environ, **{f.upper(): str(v) for f, v in compile_cache.items()}}
+
+
+def phase_steps(cfg):
+    """{phase name: number of training steps}."""
+    out = {"teacher": cfg.teacher_steps}
+    for name, method, _, _ in train.phases(cfg):
+        out[name] = cfg.dmd2_train_steps if method == "dmd2" else cfg.mm_train_steps
+    return out
+
+
+def checkpoint_steps(out: Path):
+    """{phase name: steps done} from the checkpoints in `out` (the loss history has one entry per step)."""
+    steps = {}
+    for p in sorted((out / "checkpoints").glob("*.eqx")):
+        with np.load(p.with_suffix(".npz")) as f:
+            steps[p.stem] = len(f[next(k for k in f.files if k != "seconds")])
+    return steps
+
+
+def no_timing(report):
+    """report.json without wall-clock times (sampling seconds, phase seconds, the speed-up target), as a string."""
+    rep = json.loads(json.dumps(report))
+    for r in rep["samplers"].values():
+        del r["sample_seconds"]
+    for p in rep["phases"].values():
+        del p["seconds"]
+    rep["targets"] = [t for t in rep["targets"] if "faster" not in t["target"]]
+    return json.dumps(rep, sort_keys=True)  # strings, so NaN == NaN
+
+
+def load(out: Path):
+    with np.load(out / "samples.npz") as f:
+        samples = {k: f[k] for k in f.files}
+    return samples, json.loads((out / "report.json").read_text())
+
+
+def leftovers(out: Path):
+    """Temporary files of `Run.write` left behind (there should be none)."""
+    return sorted(str(p) for p in out.rglob(".*.tmp"))
+
+
+@pytest.fixture(scope="module")
+def run_a(tmp_path_factory):
+    """One uninterrupted run of `TINY`."""
+    out = tmp_path_factory.mktemp("run_a")
+    results = train.main(TINY, train.Run(out))
+    return out, results
+
+
+# ----------------------------------------------------------------------------------------------
+# 1, 2. Resume == uninterrupted; determinism.
+
+
+def test_resume_equals_uninterrupted(run_a, tmp_path):
+    """Stop after every two chunks (via the CLI's --resume parsing), resume each time: bitwise the run of `run_a`."""
+    a, b = run_a[0], tmp_path / "b"
+    total = phase_steps(TINY)
+    with pytest.raises(train.Stop, match="max-chunks"):
+        train.main(TINY, train.Run(b, max_chunks=2))
+    cfg, out, max_chunks = train.parse(["--resume", str(b), "--max-chunks", "2"])
+    assert (cfg, out, max_chunks) == (TINY, b, 2)  # the saved config is the original one
+    assert train.parse(["--resume", str(b)])[2] is None
+
+    stops, last, finished = [checkpoint_steps(b)], list(total)[-1], False
+    while True:
+        assert stops[-1] and all(0 < s <= total[n] for n, s in stops[-1].items()), stops  # a checkpoint is on disk
+        assert not [f for f in REPORT_FILES if (b / f).exists()] and not leftovers(b)  # no report yet, no debris
+        if 0 < stops[-1].get(last, 0) < total[last] or len(stops) >= 10:
+            break
+        try:  # stop again: every phase's state goes through a checkpoint mid-way
+            train.main(cfg, train.Run(out, max_chunks))
+            finished = True
+            break
+        except train.Stop:
+            stops.append(checkpoint_steps(b))
+    assert any(0 < s < total[n] for st in stops for n, s in st.items() if n != "teacher"), stops  # mid-distillation
+    if not finished:
+        train.main(cfg, train.Run(out))  # resume to the end, without --max-chunks
+    assert checkpoint_steps(b) == total
+
+    (sa, ra), (sb, rb) = load(a), load(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].dtype == sb[k].dtype and sa[k].tobytes() == sb[k].tobytes(), k
+    assert no_timing(ra) == no_timing(rb)
+    for p in sorted((a / "checkpoints").glob("*")):  # the final states (models + optimisers) and loss histories
+        if p.suffix == ".eqx":
+            assert p.read_bytes() == (b / "checkpoints" / p.name).read_bytes(), p.name
+        else:
+            with np.load(p) as fa, np.load(b / "checkpoints" / p.name) as fb:
+                assert fa.files == fb.files
+                for k in fa.files:
+                    if k != "seconds":
+                        assert fa[k].tobytes() == fb[k].tobytes(), (p.name, k)
+
+
+def test_run_phase_chunking_and_resume_do_not_change_numbers(tmp_path):
+    """Step i uses fold_in(key, i): chunk sizes and a stop + resume give bitwise the same state and history."""
+
+    def step(state, key):
+        new = 0.9 * state + jr.normal(key, state.shape)
+        return new, {"loss": jnp.sum(new**2)}
+
+    state, key = jnp.zeros(3), jr.key(7)
+    ref_state, ref_hist, _ = train.run_phase(train.Run(tmp_path / "a"), "p", state, step, 10, key, 10)
+    got_state, got_hist, _ = train.run_phase(train.Run(tmp_path / "b"), "p", state, step, 10, key, 3)
+    with pytest.raises(train.Stop):
+        train.run_phase(train.Run(tmp_path / "c", max_chunks=1), "p", state, step, 10, key, 4)
+    assert checkpoint_steps(tmp_path / "c") == {"p": 4}
+    res_state, res_hist, _ = train.run_phase(train.Run(tmp_path / "c"), "p", state, step, 10, key, 4)
+    for s, h in ((got_state, got_hist), (res_state, res_hist)):
+        assert np.asarray(s).tobytes() == np.asarray(ref_state).tobytes()
+        assert h["loss"].tobytes() == ref_hist["loss"].tobytes() and len(h["loss"]) == 10
+
+
+# The same seed twice giving the same samples is test_resume_equals_uninterrupted (run_a against the resumed run);
+# a different seed is test_different_seed_gives_different_samples, on the CLI run below.
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. Divergence.
+
+
+@pytest.fixture(scope="module")
+def diverged(tmp_path_factory):
+    """A huge teacher learning rate, one step per chunk: the loss goes non-finite a few steps in (step 0 is
+    finite: the warm-up starts at lr 0). Returns the run, the error and the teacher's initial state."""
+    initial, real = {}, train.run_phase  # the state each phase starts from: the template to load its checkpoint
+
+    def spy(run, name, state, *args, **kwargs):
+        initial[name] = state
+        return real(run, name, state, *args, **kwargs)
+
+    cfg = dataclasses.replace(TINY, teacher_lr=1e6, chunk=1)
+    run = train.Run(tmp_path_factory.mktemp("diverged"))
+    with pytest.MonkeyPatch.context() as mp, pytest.raises(FloatingPointError) as e:
+        mp.setattr(train, "run_phase", spy)
+        train.main(cfg, run)
+    return run, str(e.value), initial["teacher"]
+
+
+def test_divergence_names_phase_step_value_and_keeps_last_good_checkpoint(diverged):
+    run, msg, like = diverged
+    # either a loss went non-finite, or (checked after each chunk) the weights did
+    m = re.search(r"phase (\S+): (?:(\w+) = (\S+) at step (\d+)|non-finite weights after step (\d+) \(losses [^)]*\))", msg)
+    assert m, msg
+    assert m[1] == "teacher" and (m[2] is None or (m[2] == "loss" and not np.isfinite(float(m[3]))))
+    failed = int(m[4] or m[5])
+    assert str(run.ckpt) in msg
+    assert not leftovers(run.out) and not [f for f in REPORT_FILES if (run.out / f).exists()]
+    assert failed > 0, "diverged in the first chunk: make it diverge later to test the checkpoint"
+    _, saved, history, _ = run.load_phase("teacher", like)  # loads
+    assert saved <= failed and f"(step {saved})" in msg  # the end of the last chunk that was all finite
+    assert len(history["loss"]) == saved and np.isfinite(history["loss"]).all()
+
+
+def test_divergence_last_good_checkpoint_is_finite(diverged):
+    run, _, like = diverged
+    state = run.load_phase("teacher", like)[0]
+    assert all(np.isfinite(x).all() for x in jax.tree.leaves(eqx.filter(state, eqx.is_array)))
+
+
+def test_run_phase_nan_in_a_later_chunk(tmp_path):
+    """Synthetic phase whose loss is NaN from step 7 on (chunks of 3): error at step 7, checkpoint of step 6 stays."""
+
+    def step(count, key):
+        return count + 1, {"loss": jnp.where(count >= 7, jnp.nan, count.astype(jnp.float32))}
+
+    run = train.Run(tmp_path)
+    for _ in range(2):  # and again from the checkpoint: same error, checkpoint unchanged
+        with pytest.raises(FloatingPointError, match=r"phase fake: loss = nan at step 7; .*\(step 6\)"):
+            train.run_phase(run, "fake", jnp.int32(0), step, 20, jr.key(0), 3)
+        count, saved, history, _ = run.load_phase("fake", jnp.int32(0))
+        assert (int(count), saved) == (6, 6)
+        np.testing.assert_array_equal(history["loss"], np.arange(6, dtype=np.float32))
+        assert not leftovers(tmp_path)
+
+
+def test_run_phase_never_checkpoints_a_non_finite_state(tmp_path):
+    """The update of step 5 (the last of the chunk 3..5) makes the state NaN; step 5's loss is still finite."""
+
+    def step(x, key):
+        return jnp.where(x >= 5, jnp.nan, x + 1), {"loss": x}
+
+    run = train.Run(tmp_path)
+    with pytest.raises(FloatingPointError, match="phase fake"):
+        train.run_phase(run, "fake", jnp.float32(0), step, 20, jr.key(0), 3)
+    x, saved, _, _ = run.load_phase("fake", jnp.float32(0))
+    assert np.isfinite(x) and saved <= 5
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. SIGTERM and --resume through the real CLI (subprocesses).
+
+CLI_CFG = dataclasses.replace(TINY, seed=1, methods=("mm_alternating",))
+
+
+def _wait_for(cond, proc, timeout):
+    t0 = time.monotonic()
+    while not cond():
+        if proc.poll() is not None or time.monotonic() - t0 > timeout:
+            return False
+        time.sleep(0.05)
+    return True
+
+
+@pytest.fixture(scope="module")
+def cli_run(tmp_path_factory, compile_cache):
+    """`python train.py --resume DIR` of a tiny saved config; SIGTERM at the first checkpoint; `--resume DIR` again.
+
+    (The CLI's presets are too large for a test, so the run starts from a config.json written here: the same
+    path as continuing a run. Parsing of --preset / --out is tested in-process below.)
+    """
+    out = tmp_path_factory.mktemp("cli") / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(CLI_CFG), indent=1))
+    env, rec = cache_env(compile_cache), {"out": out}
+    cmd = [sys.executable, str(HERE / "train.py"), "--resume", str(out)]
+    log = out.parent
+    with open(log / "1.out", "w") as o, open(log / "1.err", "w") as e:
+        proc = subprocess.Popen(cmd, cwd=HERE, env=env, stdout=o, stderr=e)
+        try:
+            rec["checkpoint_appeared"] = _wait_for((out / "checkpoints" / "teacher.eqx").exists, proc, 120)
+            proc.send_signal(signal.SIGTERM)
+            rec["rc1"] = proc.wait(timeout=120)
+        finally:
+            proc.kill()
+    rec["out1"], rec["err1"] = (log / "1.out").read_text(), (log / "1.err").read_text()
+    rec["steps_at_stop"] = checkpoint_steps(out)
+    rec["report_at_stop"] = [f for f in REPORT_FILES if (out / f).exists()]
+    p = subprocess.run(cmd, cwd=HERE, env=env, capture_output=True, text=True, timeout=300)
+    rec["rc2"], rec["out2"], rec["err2"] = p.returncode, p.stdout, p.stderr
+    return rec
+
+
+def test_sigterm_stops_cleanly_and_resume_finishes(cli_run):
+    r = cli_run
+    assert r["checkpoint_appeared"], r["err1"][-3000:]
+    assert r["rc1"] == 3, r["err1"][-3000:]
+    assert f"Continue with: python train.py --resume {r['out']}" in r["out1"]
+    assert "signal SIGTERM" in r["out1"]
+    assert r["steps_at_stop"].get("teacher", 0) > 0  # a checkpoint is on disk
+    assert not r["report_at_stop"]
+    assert not leftovers(r["out"])
+    assert r["rc2"] == 0, r["err2"][-3000:]
+    assert "report.md" in r["out2"]
+    assert (r["out"] / "report.md").stat().st_size > 0
+    assert checkpoint_steps(r["out"]) == phase_steps(CLI_CFG)
+    written = json.loads(json.dumps(dataclasses.asdict(CLI_CFG)))
+    saved = json.loads((r["out"] / "config.json").read_text())
+    assert {k: saved.get(k) for k in written} == written  # the run kept the config it was resumed with
+
+
+def test_different_seed_gives_different_samples(run_a, cli_run):
+    """CLI_CFG is TINY with seed 1 and only mm_alternating (phase 0 in both): teacher_* and mm_alternating_k2
+    samples depend on nothing else, so they would be equal if the seed were ignored."""
+    assert cli_run["rc2"] == 0
+    sa, _ = load(run_a[0])
+    sc, _ = load(cli_run["out"])
+    assert set(sc) == {f"teacher_{s}_k1" for s in ("ancestral", "ddim")} | {"mm_alternating_k2"}
+    for k in sc:
+        assert sc[k].shape == sa[k].shape
+        assert not np.allclose(sc[k], sa[k]), k
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Bad input: a clear error naming the value, before anything is written.
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        (["--data", "bogus"], "'bogus'"),
+        (["--methods", "mm_alternating,bogus"], "'bogus'"),
+        (["--preset", "bogus"], "'bogus'"),
+        (["--steps", "0"], "got 0"),
+        (["--steps", "1,abc"], "'1,abc'"),
+        (["--teacher", "bogus"], "'bogus'"),
+        (["--weighting", "bogus"], "'bogus'"),
+        (["--zs-sampling", "bogus"], "'bogus'"),
+        (["--ttur", "0"], "got 0"),
+        (["--ttur", "two"], "'two'"),
+        (["--dim", "3"], "d = 3"),  # ring8 is 2-d
+        (["--data", "npz:/no/such/file.npz"], "/no/such/file.npz"),
+        (["--guidance", "-1"], "-1"),
+    ],
+)
+def test_bad_argument(argv, expected, tmp_path, capsys):
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--preset", "smoke", *argv, "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "error:" in err and expected in err, err
+    assert not out.exists()
+
+
+def test_existing_out_needs_resume_or_overwrite(tmp_path, capsys):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--preset", "smoke", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert str(out) in err and "--resume" in err and "--overwrite" in err, err
+    assert sorted(os.listdir(out)) == ["keep.txt"] and (out / "keep.txt").read_text() == "precious"
+    cfg, got, _ = train.parse(["--preset", "smoke", "--out", str(out), "--overwrite"])
+    assert (cfg, got) == (train.PRESETS["smoke"], out)
+
+
+def test_out_not_writable(tmp_path, capsys):
+    parent = tmp_path / "a-file"
+    parent.write_text("x")
+    out = parent / "out"  # a path under a regular file: fails even as root
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--preset", "smoke", "--out", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot write to --out" in err and str(out) in err, err
+    assert parent.read_text() == "x"
+
+
+def test_out_is_a_file(tmp_path, capsys):
+    out = tmp_path / "a-file"
+    out.write_text("x")
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--preset", "smoke", "--out", str(out)])
+    assert e.value.code == 2 and str(out) in capsys.readouterr().err
+    assert out.read_text() == "x"
+
+
+@pytest.mark.parametrize("make", [lambda d: d.mkdir(), lambda d: None], ids=["empty-dir", "missing"])
+def test_resume_without_config(make, tmp_path, capsys):
+    out = tmp_path / "run"
+    make(out)
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--resume", str(out)])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "no config.json" in err and str(out) in err, err
+    assert not (out / "checkpoints").exists()
+
+
+def test_resume_with_bad_config(tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps({**dataclasses.asdict(TINY), "no_such_field": 1}))
+    with pytest.raises(SystemExit) as e:
+        train.parse(["--resume", str(out)])
+    assert e.value.code == 2 and "no_such_field" in capsys.readouterr().err
+
+
+def test_good_arguments(tmp_path):
+    out = tmp_path / "new" / "run"
+    cfg, got, max_chunks = train.parse(["--preset", "smoke", "--data", "gauss", "--dim", "4", "--methods",
+                                        "dmd2, mm_instant", "--steps", "1,4", "--seed", "3", "--no-gan",
+                                        "--ttur", "2", "--out", str(out), "--max-chunks", "5"])
+    assert cfg == dataclasses.replace(train.PRESETS["smoke"], data="gauss", dim=4, methods=("dmd2", "mm_instant"),
+                                      mm_steps=(1, 4), dmd2_steps=(1, 4), seed=3, gan=False, ttur=2)
+    assert (got, max_chunks) == (out, 5)
+    assert out.is_dir() and not list(out.iterdir())  # created, the write probe removed, nothing else
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. The report.
+
+
+def test_report_files(run_a):
+    out, results = run_a
+    samples, report = load(out)
+    expected = {f"teacher_{s}_k{k}" for s in ("ancestral", "ddim") for k in TINY.teacher_ks}
+    expected |= {f"{m}_k{k}" for m in train.METHODS for k in (TINY.dmd2_steps if m == "dmd2" else TINY.mm_steps)}
+    assert set(samples) == expected
+    assert {n.rsplit("_k", 1)[0] for n in samples} == SAMPLERS
+    for n, x in samples.items():
+        assert x.dtype == np.float32 and x.shape == (TINY.n_samples, 2), n
+        assert np.isfinite(x).all(), n
+
+    assert report["config"] == json.loads(json.dumps(dataclasses.asdict(TINY)))
+    assert set(report["samplers"]) == expected
+    for n, r in report["samplers"].items():
+        k = int(n.rsplit("_k", 1)[1])
+        assert set(METRICS) <= set(r) and r["k"] == r["nfe"] == k and r["sample_seconds"] > 0, n
+        assert r == pytest.approx(results[n], nan_ok=True)
+    assert set(report["phases"]) == set(phase_steps(TINY))
+    for n, p in report["phases"].items():
+        assert p["seconds"] > 0 and p["final"] and all(isinstance(v, float) for v in p["final"].values()), n
+    assert report["claims"] and all(set(c) == {"claim", "measured", "held"} for c in report["claims"])
+    assert all(set(t) == {"target", "measured", "met"} for t in report["targets"])
+    assert set(METRICS) <= set(report["floor"])
+
+    md = (out / "report.md").read_text()
+    assert all(n in md for n in expected) and "## Claims" in md
+    for f in ("samples.png", "losses.png"):
+        assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
+    assert checkpoint_steps(out) == phase_steps(TINY)
+    assert (out / "checkpoints" / "teacher.eqx").stat().st_size > 0
+    assert not (out / "samples_ablations.npz").exists()
+    assert not leftovers(out)
