@@ -18,6 +18,7 @@ import time
 
 import equinox as eqx
 import jax
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
@@ -193,9 +194,49 @@ def steps_table(batch=256, width=128, depth=3, scan=50, repeats=7, seed=SEED, na
     return title + markdown(header, rows) + "\n\n" + NOTES
 
 
+def memory_table(configs=((8, 1, 64, 128), (64, 3, 64, 8))):
+    """Compiled memory of one update of each algorithm for the image denoiser, per device.
+
+    `configs`: (side, channels, width, per-device batch). Numbers are XLA's `memory_analysis()` of the
+    compiled step (arguments + outputs + temporaries, aliasing not subtracted), so an upper bound.
+    """
+    from models import ImageDenoiser  # noqa: PLC0415
+
+    rows = []
+    for side, ch, width, b in configs:
+        net = ImageDenoiser(side, ch, num_classes=10, width=width, key=jr.key(0))
+        sched = net.schedule
+        x, lab = jnp.zeros((b, side, side, ch)), jnp.zeros((b,), jnp.int32)
+        t_opt, m_opt, d_opt = mmd.teacher_optimiser(), mmd.mm_optimiser(), mmd.dmd2_optimiser()
+        cfg, dcfg = mmd.MMConfig(), mmd.DMD2Config()
+        precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+        calls = {
+            "teacher": (lambda st: mmd.teacher_step(st, x, jr.key(0), optimiser=t_opt, schedule=sched, label=lab),
+                        mmd.init_player(net, t_opt)),
+            "alternating": (lambda st: mmd.alternating_step(st, net, x, jr.key(0), cfg=cfg, optimiser=m_opt,
+                                                            schedule=sched, label=lab), mmd.init_alternating(net, m_opt)),
+            "instant": (lambda st: mmd.instant_step(st, net, precond, x, x, jr.key(0), cfg=cfg, optimiser=m_opt,
+                                                    schedule=sched, label=lab, label_prime=lab), mmd.init_player(net, m_opt)),
+            "dmd2": (lambda st: mmd.dmd2_step(st, net, jnp.stack([x] * dcfg.ttur), jr.key(0), cfg=dcfg, optimiser=d_opt,
+                                              schedule=sched, label=jnp.stack([lab] * dcfg.ttur)),
+                     mmd.init_dmd2(net, jr.key(1), d_opt, dcfg, width)),
+        }
+        params = sum(a.size for a in jax.tree.leaves(eqx.filter(net, eqx.is_inexact_array)))
+        row = [f"{side}x{side}x{ch}", f"{params / 1e3:.0f}k", str(b)]
+        for name, (fn, state) in calls.items():
+            dyn, static = eqx.partition(state, eqx.is_array)
+            jitted = jax.jit(lambda d: eqx.filter(fn(eqx.combine(d, static)), eqx.is_array))
+            mem = jitted.lower(dyn).compile().memory_analysis()
+            total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            row.append(f"{total / 2**20:.0f}")
+        rows.append(row)
+    header = ["image", "params", "batch / device", "teacher MiB", "alternating MiB", "instant MiB", "dmd2 (ttur 5) MiB"]
+    return "Compiled memory of one update per device (XLA memory_analysis: arguments + outputs + temporaries)\n\n" + markdown(header, rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=("sampler", "steps", "all"))
+    p.add_argument("name", choices=("sampler", "steps", "memory", "all"))
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--scan", type=int, default=50, help="updates per timed call")
@@ -208,6 +249,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         table = steps_table(args.batch, args.width, scan=args.scan, repeats=args.repeats)
         print(f"{table}\n\n(steps benchmark: {time.perf_counter() - t0:.0f} s)", flush=True)
+    if args.name in ("memory", "all"):
+        print(memory_table(), flush=True)
 
 
 if __name__ == "__main__":

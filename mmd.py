@@ -245,6 +245,7 @@ def instant_step(state: Player, teacher, precond, x, x_prime, key, *, cfg: MMCon
 
     Returns `(state, {"instant_loss"})`; `instant_loss` estimates Eq. 9 (Sec. 5.4: it is informative).
     """
+    check_preconditioner(precond, teacher)  # structure and shapes only: checked while tracing
     k1, k2 = jr.split(key)
     batch = L.noised_batch(schedule, x, k1, cfg.k, label)
     batch_prime = L.noised_batch(schedule, x_prime, k2, cfg.k, label_prime)

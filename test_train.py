@@ -462,3 +462,27 @@ def test_report_files(run_a):
     assert (out / "checkpoints" / "teacher.eqx").stat().st_size > 0
     assert not (out / "samples_ablations.npz").exists()
     assert not leftovers(out)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. The presets CI runs end to end: `python train.py --preset smoke` and `--data digits --preset smoke`.
+
+
+@pytest.mark.parametrize("data", ["ring8", "digits"])
+def test_smoke_preset_end_to_end(tmp_path, data, compile_cache):
+    out = tmp_path / data
+    cmd = [sys.executable, str(HERE / "train.py"), "--data", data, "--preset", "smoke", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=HERE, env=cache_env(compile_cache), capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr[-3000:]
+    samples, report = load(out)
+    cfg = (train.IMAGE_PRESETS if data == "digits" else train.PRESETS)["smoke"]
+    want = {f"teacher_{s}_k{k}" for s in ("ancestral", "ddim") for k in cfg.teacher_ks}
+    want |= {name for name, *_ in train.phases(cfg)}
+    assert set(samples) == want and set(report["samplers"]) == want
+    primary = "fd" if data == "digits" else "mmd2"
+    for name, r in report["samplers"].items():
+        assert np.isfinite(r[primary]), (name, r)
+        assert samples[name].shape[0] == cfg.n_samples and np.isfinite(samples[name]).all()
+    if data == "digits":  # class-conditional samples are scored by the digits classifier
+        assert all(0.0 <= r["acc"] <= 1.0 for r in report["samplers"].values())
+        assert report["floor"]["fd"] < min(r["fd"] for r in report["samplers"].values())

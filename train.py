@@ -62,7 +62,7 @@ class Config:
     instant_lr: float = 3e-4
     precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
     dmd2_train_steps: int = 1000
-    dmd2_lr: float = 1e-4
+    dmd2_lr: float = 3e-4
     teacher_ks: tuple = (1, 2, 4, 8, 1000)
     n_samples: int = 10_000
     chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
@@ -103,8 +103,8 @@ PRESETS = {
 }
 # Images (digits, npz:PATH): smaller batches of a larger network; 898 samples, the size of the FD reference.
 IMAGE_PRESETS = {
-    "default": Config(data="digits", batch=128, teacher_steps=3000, teacher_lr=1e-3, mm_train_steps=1000,
-                      dmd2_train_steps=300, teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898, chunk=100),
+    "default": Config(data="digits", batch=128, teacher_steps=2000, teacher_lr=1e-3, mm_train_steps=600,
+                      dmd2_train_steps=100, dmd2_steps=(1,), teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898, chunk=100),
     "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
                     dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 2, 16), n_samples=200, chunk=20),
     "full": Config(data="digits", batch=128, teacher_steps=4000, teacher_lr=1e-3, mm_train_steps=1500,
