@@ -307,6 +307,7 @@ def load_or_train_classifier(path: str, seed: int = 0) -> DigitsClassifier:
         except Exception as e:
             raise ValueError(f"{path} is not a DigitsClassifier checkpoint ({e}); delete it to retrain") from e
     model = train_digits_classifier(seed)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -291,6 +291,10 @@ def test_classifier_cache(tmp_path, classifier, monkeypatch):
     (tmp_path / "junk.eqx").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="junk.eqx.*delete it to retrain"):
         metrics.load_or_train_classifier(str(tmp_path / "junk.eqx"))
+    monkeypatch.setattr(metrics, "train_digits_classifier", lambda seed=0: classifier)
+    nested = tmp_path / "runs" / "fresh" / "clf.eqx"  # a clean clone has no runs/ yet
+    metrics.load_or_train_classifier(str(nested))
+    assert nested.exists()
 
 
 def test_image_metrics(classifier):

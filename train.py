@@ -106,7 +106,7 @@ IMAGE_PRESETS = {
     "default": Config(data="digits", batch=128, teacher_steps=2000, teacher_lr=1e-3, mm_train_steps=600,
                       dmd2_train_steps=100, dmd2_steps=(1,), teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898, chunk=100),
     "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
-                    dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 2, 16), n_samples=200, chunk=20),
+                    dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8), n_samples=200, chunk=20),
     "full": Config(data="digits", batch=128, teacher_steps=4000, teacher_lr=1e-3, mm_train_steps=1500,
                    dmd2_train_steps=300, teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898, chunk=100,
                    mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True),
