@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, settings  # noqa: E402
 
 # CI: derandomised and bounded. Thorough: `HYPOTHESIS_PROFILE=thorough pytest`.
 settings.register_profile(
-    "ci", derandomize=True, deadline=None, max_examples=10, suppress_health_check=[HealthCheck.too_slow]
+    "ci", derandomize=True, deadline=None, max_examples=6, suppress_health_check=[HealthCheck.too_slow]
 )
 settings.register_profile("thorough", deadline=None, max_examples=200, suppress_health_check=[HealthCheck.too_slow])
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
