@@ -77,7 +77,7 @@ def image_task(cfg) -> Task:
 
     if images.shape[1:] == (8, 8, 1) and num_classes == 10:
         classifier = M.load_or_train_classifier(str(cfg.classifier_cache), seed=0)
-        (_, _), (ref, _) = D.digits_halves(0) if cfg.data == "digits" else ((None, None), (images, None))
+        ref = D.digits_halves(0)[1][0] if cfg.data == "digits" else images  # the reference half (digits)
 
         def evaluate(x, lab, key):
             return M.image_metrics(x, lab, classifier, ref)
