@@ -138,7 +138,7 @@ def make_steps(batch=256, width=128, depth=3, seed=SEED, names=tuple(NFE)):
     inits = {
         "teacher": lambda: (mmd.init_player(net, t_opt), teacher),
         "alternating": lambda: (mmd.init_alternating(net, m_opt), alternating),
-        "instant": lambda: (mmd.init_player(net, m_opt), instant),
+        "instant": lambda: (mmd.init_instant(net, m_opt, frozen["precond"]), instant),
         "dmd2": lambda: (mmd.init_dmd2(net, jr.fold_in(key, 3), d_opt, dcfg, width), dmd2),
     }
     return {name: inits[name]() for name in names}, frozen
@@ -216,7 +216,7 @@ def memory_table(configs=((8, 1, 64, 128), (64, 3, 64, 8))):
             "alternating": (lambda st: mmd.alternating_step(st, net, x, jr.key(0), cfg=cfg, optimiser=m_opt,
                                                             schedule=sched, label=lab), mmd.init_alternating(net, m_opt)),
             "instant": (lambda st: mmd.instant_step(st, net, precond, x, x, jr.key(0), cfg=cfg, optimiser=m_opt,
-                                                    schedule=sched, label=lab, label_prime=lab), mmd.init_player(net, m_opt)),
+                                                    schedule=sched, label=lab, label_prime=lab), mmd.init_instant(net, m_opt, precond)),
             "dmd2": (lambda st: mmd.dmd2_step(st, net, jnp.stack([x] * dcfg.ttur), jr.key(0), cfg=dcfg, optimiser=d_opt,
                                               schedule=sched, label=jnp.stack([lab] * dcfg.ttur)),
                      mmd.init_dmd2(net, jr.key(1), d_opt, dcfg, width)),

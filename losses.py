@@ -98,6 +98,25 @@ class GuidedTeacher(eqx.Module):
         return self.model.features(z, t) if label is None else self.model.features(z, t, label)
 
 
+class StraightThrough(eqx.Module):
+    """Values of `value` (e.g. a closed-form denoiser), gradients and parameter JVPs of `model` (a network).
+
+    Algorithm 3 with the exact teacher (`--teacher exact`): the moments are taken in the parameter space
+    of the network regressed onto the closed form, while the residual `x~ - g(z_s)` uses the exact
+    denoiser. The closed form's own parameters (a mixture's weights, means, covariances) give only a few
+    dozen moments, too few to pin down a generator, and the students diverged with them. Give `value`'s
+    leaves a zero preconditioner so nu never moves them.
+    """
+
+    model: eqx.Module
+    value: eqx.Module
+
+    def __call__(self, z, t, label=None):
+        plain = self.model(z, t) if label is None else self.model(z, t, label)
+        exact = self.value(z, t) if label is None else self.value(z, t, label)
+        return plain + sg(exact - plain)
+
+
 # ----------------------------------------------------------------------------------------------
 # Teacher / fake score: the ordinary diffusion loss (Sec. 2.1).
 
@@ -131,17 +150,23 @@ class Noised(NamedTuple):
     label: Optional[jax.Array] = None  # (B,) or None
 
 
-def sample_times(schedule: Schedule, key, batch: int, k: int):
-    """Algorithm 2, lines 1-2: `s ~ p(s)` (EDM test-time schedule), `t = min(s + delta, 1)`, delta ~ U[0, 1/k]."""
+def sample_times(schedule: Schedule, key, batch: int, k: int, grid: bool = False):
+    """Algorithm 2, lines 1-2: `s ~ p(s)` (EDM test-time schedule), `t = min(s + delta, 1)`, delta ~ U[0, 1/k].
+
+    `grid=True`: t is instead the first point of the sampler's grid {1/k, ..., 1} at or above s, so the
+    student is trained only at the times it is sampled at (delta = t - s still lies in [0, 1/k]).
+    """
     ks, kd = jr.split(key)
     s = edm_time(schedule, ks, (batch,))
+    if grid:
+        return jnp.clip(jnp.ceil(s * k - 1e-4) / k, 1.0 / k, 1.0), s
     return jnp.minimum(s + jr.uniform(kd, (batch,)) / k, 1.0), s
 
 
-def noised_batch(schedule: Schedule, x, key, k: int, label=None) -> Noised:
+def noised_batch(schedule: Schedule, x, key, k: int, label=None, grid: bool = False) -> Noised:
     """Algorithm 2, lines 1-3: times, then forward diffusion of data `x` to `z_t`."""
     kt, kn, kz = jr.split(key, 3)
-    t, s = sample_times(schedule, kt, x.shape[0], k)
+    t, s = sample_times(schedule, kt, x.shape[0], k, grid)
     return Noised(diffuse(schedule, x, t, jr.normal(kn, x.shape)), t, s, kz, label)
 
 
@@ -221,8 +246,22 @@ def teacher_loss_grad(teacher, schedule: Schedule, x, z_s, s, weighting="edm", l
     return eqx.filter_grad(loss)(teacher)
 
 
+def instant_nu(generator, teacher, precond, schedule: Schedule, batch_prime: Noised, weighting="edm",
+               zs_sampling="posterior", data_grad=None):
+    """`nu = Lambda (grad_theta L_theta(x~', z_s') - g_0)` on batch B' (Algorithm 3), stop-gradient.
+
+    `data_grad`: g_0, the teacher's expected gradient on real data (`mmd.data_moment`), or None for 0. Eq. 9
+    assumes g_0 = 0 ("the teacher attained a minimum of its training loss"); Eq. 10 subtracts it.
+    """
+    x_p, zs_p = generate(generator, schedule, batch_prime, zs_sampling)
+    grad = teacher_loss_grad(teacher, schedule, sg(x_p), zs_p, batch_prime.s, weighting, batch_prime.label)
+    if data_grad is not None:
+        grad = jax.tree.map(lambda g, g0: g - g0, grad, data_grad)
+    return sg(jax.tree.map(lambda lam, g: lam * g, precond, grad))
+
+
 def instant_loss(generator, teacher, precond, schedule: Schedule, batch: Noised, batch_prime: Noised,
-                 weighting="edm", zs_sampling="posterior", sign=-1.0):
+                 weighting="edm", zs_sampling="posterior", sign=-1.0, data_grad=None, nu=None):
     """Eq. 8 / Algorithm 3: `-w(s) x~^T sg{J_theta g_theta(z_s) nu}`, `nu = Lambda grad_theta L_theta(x~', z_s')`.
 
     **Arguments:**
@@ -237,9 +276,8 @@ def instant_loss(generator, teacher, precond, schedule: Schedule, batch: Noised,
     `1/2 g^T Lambda g'` with g, g' the teacher gradients of the two batches: an unbiased estimate of
     Eq. 9, `1/2 ||E grad_theta L_theta||^2_Lambda`, the informative loss of Sec. 5.4.
     """
-    x_p, zs_p = generate(generator, schedule, batch_prime, zs_sampling)
-    grad = teacher_loss_grad(teacher, schedule, sg(x_p), zs_p, batch_prime.s, weighting, batch_prime.label)
-    nu = sg(jax.tree.map(lambda lam, g: lam * g, precond, grad))
+    if nu is None:
+        nu = instant_nu(generator, teacher, precond, schedule, batch_prime, weighting, zs_sampling, data_grad)
 
     x, z_s = generate(generator, schedule, batch, zs_sampling)
     params, static = eqx.partition(teacher, eqx.is_inexact_array)
@@ -248,6 +286,8 @@ def instant_loss(generator, teacher, precond, schedule: Schedule, batch: Noised,
     w = loss_weight(weighting, schedule, batch.s, sg(x), teacher_pred)
     surrogate = sign * jnp.mean(w * inner(x, j_nu))
     monitor = -jnp.mean(w * inner(sg(x) - teacher_pred, j_nu))
+    if data_grad is not None:  # 1/2 (g - g0)^T Lambda (g' - g0), the same estimate of Eq. 10
+        monitor = monitor - 0.5 * sum(jnp.sum(g0 * n) for g0, n in zip(jax.tree.leaves(data_grad), jax.tree.leaves(nu)))
     return surrogate, monitor
 
 

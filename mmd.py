@@ -89,6 +89,8 @@ class MMConfig:
     k: int = 8  # sampling steps of the student
     weighting: str = "edm"  # w(s): edm | flat | dmd (Sec. 3.3: flat or dmd for k = 1, 2)
     zs_sampling: str = "posterior"  # posterior q(z_s|z_t,x~) | marginal q(z_s|x~) (Sec. 5.2)
+    time_grid: bool = False  # t on the k-step sampling grid (losses.sample_times) instead of s + U[0, 1/k]
+    nu_decay: float = 0.0  # Algorithm 3: EMA of nu over updates (0: the last batch's nu, as printed)
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
@@ -97,6 +99,8 @@ class MMConfig:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {L.WEIGHTINGS}")
         if self.zs_sampling not in L.ZS_SAMPLING:
             raise ValueError(f"unknown zs_sampling {self.zs_sampling!r}; choose one of {L.ZS_SAMPLING}")
+        if not 0.0 <= self.nu_decay < 1.0:
+            raise ValueError(f"nu_decay must lie in [0, 1); got {self.nu_decay!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,9 +164,10 @@ def regression_step(state: Player, target, x, key, *, optimiser, schedule: Sched
 # Algorithm 2: alternating moment matching.
 
 
-def init_alternating(teacher, optimiser) -> AlternatingState:
-    """Student and auxiliary model both start from the teacher (Algorithm 2, Require)."""
-    return AlternatingState(init_player(teacher, optimiser), init_player(teacher, optimiser))
+def init_alternating(teacher, optimiser, student=None) -> AlternatingState:
+    """Student and auxiliary model both start from the teacher (Algorithm 2, Require); `student` if the
+    student's family differs from the teacher's (the closed-form testbed)."""
+    return AlternatingState(init_player(teacher if student is None else student, optimiser), init_player(teacher, optimiser))
 
 
 @eqx.filter_jit
@@ -175,14 +180,14 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
     k_aux, k_gen = jr.split(key)
     gen, aux = state.generator, state.aux
 
-    batch = L.noised_batch(schedule, x, k_aux, cfg.k, label)
+    batch = L.noised_batch(schedule, x, k_aux, cfg.k, label, cfg.time_grid)
     x_tilde, z_s = L.generate(gen.model, schedule, batch, cfg.zs_sampling)
     aux_loss, grads = eqx.filter_value_and_grad(L.auxiliary_loss)(
         aux.model, teacher, schedule, sg(x_tilde), z_s, batch.s, cfg.weighting, label
     )
     aux = _apply_grads(aux, grads, optimiser)
 
-    batch = L.noised_batch(schedule, x, k_gen, cfg.k, label)
+    batch = L.noised_batch(schedule, x, k_gen, cfg.k, label, cfg.time_grid)
     gen_loss, grads = eqx.filter_value_and_grad(L.generator_loss)(
         gen.model, aux.model, teacher, schedule, batch, cfg.weighting, cfg.zs_sampling
     )
@@ -238,31 +243,73 @@ def estimate_preconditioner(teacher, schedule: Schedule, xs, key, *, b2=0.99, ep
     return preconditioner_from_adam(state, b2, eps)
 
 
+def data_moment(teacher, schedule: Schedule, xs, key, *, weighting="edm", labels=None):
+    """Eq. 10's second term, `E_{x, z_s ~ q} grad_theta L_theta(x, z_s)` with s ~ p(s), averaged over batches
+    `xs` `(n, B, *data)` of real data (labels `(n, B)` or None).
+    """
+    def body(total, inp):
+        x, lab, k = inp
+        ks, kn = jr.split(k)
+        s = L.sample_times(schedule, ks, x.shape[0], 1)[1]
+        z_s = diffuse(schedule, x, s, jr.normal(kn, x.shape))
+        g = L.teacher_loss_grad(teacher, schedule, x, z_s, s, weighting, lab)
+        return jax.tree.map(jnp.add, total, g), None
+
+    zero = jax.tree.map(jnp.zeros_like, eqx.filter(teacher, eqx.is_inexact_array))
+    total, _ = jax.lax.scan(body, zero, (xs, labels, jr.split(key, xs.shape[0])))
+    return jax.tree.map(lambda g: g / xs.shape[0], total)
+
+
+class InstantState(eqx.Module):
+    """Algorithm 3's student and the running average of nu (used when `MMConfig.nu_decay > 0`)."""
+
+    student: Player
+    nu: eqx.Module  # EMA of nu, a tree like the preconditioner (zeros at the start)
+    count: jax.Array  # updates so far (bias correction of the EMA)
+
+
+def init_instant(student, optimiser, precond) -> InstantState:
+    """The student starts from the teacher (pass the teacher network)."""
+    return InstantState(init_player(student, optimiser), jax.tree.map(jnp.zeros_like, precond), jnp.zeros((), jnp.int32))
+
+
 @eqx.filter_jit
-def instant_step(state: Player, teacher, precond, x, x_prime, key, *, cfg: MMConfig, optimiser, schedule: Schedule,
-                 label=None, label_prime=None):
+def instant_step(state: InstantState, teacher, precond, x, x_prime, key, *, cfg: MMConfig, optimiser,
+                 schedule: Schedule, label=None, label_prime=None, data_grad=None):
     """One update of Algorithm 3 on two independent batches `x` (B) and `x_prime` (B', gives nu).
 
-    Returns `(state, {"instant_loss"})`; `instant_loss` estimates Eq. 9 (Sec. 5.4: it is informative).
+    `data_grad`: the teacher's expected gradient on real data (`data_moment`), subtracted from nu (Eq. 10);
+    None assumes it is zero (Eq. 9). With `cfg.nu_decay > 0`, the JVP's tangent is the bias-corrected
+    exponential moving average of nu over updates rather than the last batch's nu: it plays the part of
+    Algorithm 2's auxiliary model, which also accumulates the teacher gradients of many batches.
+    Returns `(state, {"instant_loss"})`; `instant_loss` estimates Eq. 10 (Eq. 9 if `data_grad` is None)
+    with the tangent used (Sec. 5.4: it is informative).
     """
     check_preconditioner(precond, teacher)  # structure and shapes only: checked while tracing
     k1, k2 = jr.split(key)
-    batch = L.noised_batch(schedule, x, k1, cfg.k, label)
-    batch_prime = L.noised_batch(schedule, x_prime, k2, cfg.k, label_prime)
+    batch = L.noised_batch(schedule, x, k1, cfg.k, label, cfg.time_grid)
+    batch_prime = L.noised_batch(schedule, x_prime, k2, cfg.k, label_prime, cfg.time_grid)
+    student = state.student
+    nu = L.instant_nu(student.model, teacher, precond, schedule, batch_prime, cfg.weighting, cfg.zs_sampling, data_grad)
+    d, count = cfg.nu_decay, state.count + 1
+    nu_avg = jax.tree.map(lambda a, v: d * a + (1.0 - d) * v, state.nu, nu)
+    tangent = jax.tree.map(lambda a: a / (1.0 - d**count), nu_avg) if d > 0 else nu
     (_, monitor), grads = eqx.filter_value_and_grad(L.instant_loss, has_aux=True)(
-        state.model, teacher, precond, schedule, batch, batch_prime, cfg.weighting, cfg.zs_sampling
+        student.model, teacher, precond, schedule, batch, batch_prime, cfg.weighting, cfg.zs_sampling,
+        data_grad=data_grad, nu=tangent
     )
-    return _apply_grads(state, grads, optimiser), {"instant_loss": monitor}
+    return InstantState(_apply_grads(student, grads, optimiser), nu_avg, count), {"instant_loss": monitor}
 
 
 # ----------------------------------------------------------------------------------------------
 # DMD2.
 
 
-def init_dmd2(teacher, head_key, optimiser, cfg: DMD2Config, feat_dim) -> DMD2State:
-    """Generator and fake score start from the teacher; the GAN head is new."""
+def init_dmd2(teacher, head_key, optimiser, cfg: DMD2Config, feat_dim, student=None) -> DMD2State:
+    """Generator and fake score start from the teacher (the generator from `student` if given); the GAN head is new."""
     head = DiscriminatorHead(feat_dim, key=head_key) if cfg.gan else None
-    return DMD2State(init_player(teacher, optimiser), init_player(Critic(teacher, head), optimiser))
+    gen = teacher if student is None else student
+    return DMD2State(init_player(gen, optimiser), init_player(Critic(teacher, head), optimiser))
 
 
 def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None):

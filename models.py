@@ -60,7 +60,8 @@ class GaussianDenoiser(eqx.Module):
 
     def __call__(self, z, t):
         alpha, sigma = self.schedule.alpha_sigma(t)
-        return _gaussian_posterior(self.mean, self.cov, z, alpha, sigma)[0]
+        cov = 0.5 * (self.cov + self.cov.T)  # theta = (mean, cov) can be trained (closed-form testbed); keep S symmetric
+        return _gaussian_posterior(self.mean, cov, z, alpha, sigma)[0]
 
     def posterior_cov(self, t):
         """Cov[x | z_t] = S - alpha^2 S (alpha^2 S + sigma^2 I)^-1 S."""
@@ -124,6 +125,32 @@ class MixtureDenoiser(eqx.Module):
     def log_prob(self, x):
         _, logp = jax.vmap(_gaussian_posterior, in_axes=(0, 0, None, None, None))(self.means, self.covs, x, 1.0, 0.0)
         return jax.nn.logsumexp(jnp.log(self.weights) + logp)
+
+
+class AffineStepDenoiser(eqx.Module):
+    """`x_hat = A_i z + b_i` with one affine map per step i of the k-step grid t_i = 1 - i/k (i = round((1 - t) k)).
+
+    With Gaussian data every step of the exact sampler is affine, so this family contains a k-step sampler
+    whose output is exactly the data distribution: the student of the closed-form testbed (`test_mmd.py`).
+    """
+
+    A: jax.Array  # (k, D, D)
+    b: jax.Array  # (k, D)
+
+    @classmethod
+    def from_gaussian(cls, denoiser: GaussianDenoiser, k: int):
+        """The exact denoiser at each grid time: `A_i = alpha S (alpha^2 S + sigma^2 I)^-1`, `b_i = mean - alpha A_i mean`."""
+        t = 1.0 - jnp.arange(k) / k
+        alpha, sigma = denoiser.schedule.alpha_sigma(t)
+        d = denoiser.mean.shape[0]
+        c = alpha[:, None, None] ** 2 * denoiser.cov + sigma[:, None, None] ** 2 * jnp.eye(d)
+        a = alpha[:, None, None] * jnp.linalg.solve(c, jnp.broadcast_to(denoiser.cov, c.shape)).transpose(0, 2, 1)
+        return cls(a, denoiser.mean - alpha[:, None] * (a @ denoiser.mean))
+
+    def __call__(self, z, t):
+        k = self.A.shape[0]
+        i = jnp.clip(jnp.round((1.0 - t) * k).astype(jnp.int32), 0, k - 1)
+        return self.A[i] @ z + self.b[i]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -390,7 +390,7 @@ def test_every_loss_and_step_is_finite_on_edge_times(shape):
     opt = mmd.mm_optimiser(1e-3, 10, 2)
     cfg = mmd.MMConfig(k=2)
     alt, m1 = mmd.alternating_step(mmd.init_alternating(teacher, opt), teacher, x, jr.key(5), cfg=cfg, optimiser=opt, schedule=SCHED)
-    inst, m2 = mmd.instant_step(mmd.init_player(teacher, opt), teacher, precond, x, x, jr.key(6), cfg=cfg, optimiser=opt, schedule=SCHED)
+    inst, m2 = mmd.instant_step(mmd.init_instant(teacher, opt, precond), teacher, precond, x, x, jr.key(6), cfg=cfg, optimiser=opt, schedule=SCHED)
     dcfg = mmd.DMD2Config(k=2, ttur=2)
     dmd, m3 = mmd.dmd2_step(mmd.init_dmd2(teacher, jr.key(7), opt, dcfg, 16), teacher, jnp.stack([x, x]), jr.key(8),
                             cfg=dcfg, optimiser=opt, schedule=SCHED)
@@ -450,8 +450,8 @@ def test_short_instant_run(net_teacher):
     run = eqx.filter_jit(lambda p, keys: mmd.scan_steps(
         lambda p, k: mmd.instant_step(p, net_teacher, precond, _data(k), _data(jr.fold_in(k, 2)), jr.fold_in(k, 1),
                                       cfg=cfg, optimiser=opt, schedule=SCHED), p, keys))
-    state, _ = run(mmd.init_player(net_teacher, opt), jr.split(jr.key(3), N_SHORT))
-    _assert_moves_toward_data(_student_error(net_teacher, "ancestral"), _student_error(state.model, "ancestral"))
+    state, _ = run(mmd.init_instant(net_teacher, opt, precond), jr.split(jr.key(3), N_SHORT))
+    _assert_moves_toward_data(_student_error(net_teacher, "ancestral"), _student_error(state.student.model, "ancestral"))
 
 
 def test_short_dmd2_run(net_teacher):

@@ -82,7 +82,7 @@ ALGORITHMS = {
         lambda s, t, k, x: mmd.alternating_step(s, t, x, k, cfg=MM, optimiser=OPT, schedule=SCHED),
     ),
     "instant": (
-        lambda t: mmd.init_player(t, OPT),
+        lambda t: mmd.init_instant(t, OPT, jax.tree.map(jnp.ones_like, eqx.filter(t, eqx.is_inexact_array))),
         lambda k: (_data(k), _data(jr.fold_in(k, 1))),
         0,
         lambda s, t, k, xx: mmd.instant_step(

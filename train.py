@@ -61,6 +61,9 @@ class Config:
     mm_lr: float = 1e-4
     instant_lr: float = 3e-4
     precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
+    instant_eq10: bool = True  # subtract the teacher's expected gradient on real data from nu (Eq. 10)
+    nu_decay: float = 0.99  # EMA of Algorithm 3's nu over updates (0: one batch, as printed)
+    data_grad_batches: int = 100  # real batches averaged for Eq. 10's data term
     dmd2_train_steps: int = 1000
     dmd2_lr: float = 3e-4
     teacher_ks: tuple = (1, 2, 4, 8, 1000)
@@ -93,6 +96,7 @@ class Config:
                 raise ValueError(f"every k (number of sampling steps) must be an integer >= 1; got {k!r}")
         mmd.MMConfig(weighting="edm" if self.weighting == "auto" else self.weighting, zs_sampling=self.zs_sampling)
         mmd.DMD2Config(ttur=self.ttur)
+        mmd.MMConfig(nu_decay=self.nu_decay)
 
 
 PRESETS = {
@@ -290,14 +294,36 @@ def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teach
             step = with_labels(lambda st, kk, x, lab: mmd.alternating_step(
                 st, teacher, x, kk, cfg=mcfg, optimiser=opt, schedule=sched, label=lab), task, b, mesh)
         else:
+            mcfg = dataclasses.replace(mcfg, nu_decay=c.nu_decay)
+            teacher, precond = instant_space(cfg, task, teacher, net, precond)
+            data_grad = data_moment(cfg, task, teacher, weighting, key) if c.instant_eq10 else None
             opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10))
-            state = mmd.init_player(net, opt)
+            state = mmd.init_instant(net, opt, precond)
             step = with_labels(lambda st, kk, x, lab: mmd.instant_step(
                 st, teacher, precond, x[:b], x[b:], kk, cfg=mcfg, optimiser=opt, schedule=sched,
-                label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:]), task, 2 * b, mesh)
+                label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:],
+                data_grad=data_grad), task, 2 * b, mesh)
     state, history, seconds = run_phase(run, name, parallel.replicate(state, mesh), step, num, key, cfg.chunk)
-    model = state.model if method == "mm_instant" else state.generator.model
+    model = state.student.model if method == "mm_instant" else state.generator.model
     return model, history, seconds
+
+
+def instant_space(cfg: Config, task: tasks.Task, teacher, net, precond):
+    """The teacher and preconditioner Algorithm 3 works with. Trained teacher: itself. Exact teacher: the
+    closed form's values with the parameter space of the network regressed onto it (`losses.StraightThrough`)."""
+    if cfg.teacher != "exact":
+        return teacher, precond
+    zeros = jax.tree.map(jnp.zeros_like, eqx.filter(task.exact, eqx.is_inexact_array))
+    return L.StraightThrough(net, task.exact), L.StraightThrough(precond, zeros)
+
+
+def data_moment(cfg: Config, task: tasks.Task, teacher, weighting, key):
+    """Eq. 10's data term for this teacher and weighting, from `cfg.data_grad_batches` real batches."""
+    kx, kg = jr.split(jr.fold_in(key, 1_000_003))
+    draws = [task.draw(jr.fold_in(kx, i), cfg.batch) for i in range(cfg.data_grad_batches)]
+    xs = jnp.stack([x for x, _ in draws])
+    labels = None if draws[0][1] is None else jnp.stack([lab for _, lab in draws])
+    return eqx.filter_jit(mmd.data_moment)(teacher, task.schedule, xs, kg, weighting=weighting, labels=labels)
 
 
 def draw_samples(model, task: tasks.Task, key, n, k, step):
@@ -328,14 +354,10 @@ def main(cfg: Config, run: Run):
     phase_log = {"teacher": {"seconds": seconds, "final": {k: float(v[-1]) for k, v in history.items()}}}
     histories = {"teacher": history}
     precond = None
-    if "mm_instant" in cfg.methods:
-        if cfg.teacher == "trained":  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the teacher
-            precond = mmd.preconditioner_from_adam(teacher_state.opt_state, eps=cfg.precond_eps)
-            if cfg.guidance > 0:
-                precond = L.GuidedTeacher(precond, scale=cfg.guidance)
-        else:  # "calculated fresh by running a few training steps"
-            xs = jnp.stack([task.draw(jr.fold_in(key_distil, 1_000_003 + i), cfg.batch)[0] for i in range(20)])
-            precond = mmd.estimate_preconditioner(teacher, task.schedule, xs, key_distil, eps=cfg.precond_eps)
+    if "mm_instant" in cfg.methods:  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the network
+        precond = mmd.preconditioner_from_adam(teacher_state.opt_state, eps=cfg.precond_eps)
+        if cfg.guidance > 0:
+            precond = L.GuidedTeacher(precond, scale=cfg.guidance)
 
     students = {}
     for i, (name, method, k, overrides) in enumerate(phases(cfg)):
