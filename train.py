@@ -410,6 +410,9 @@ def parse(argv=None):
         over.update(mm_steps=ks, dmd2_steps=ks)
     try:
         cfg = dataclasses.replace(presets[a.preset], **over)
+        # read the file now, so that a bad one stops the run before --overwrite deletes anything
+        if cfg.data.startswith("npz:") and D.load_npz(cfg.data[4:])[1] is None and cfg.guidance:
+            raise ValueError(f"--guidance {cfg.guidance} needs labels; {cfg.data} has none")
     except ValueError as e:
         p.error(str(e))
     out = Path(a.out or f"runs/{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
