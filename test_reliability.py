@@ -86,6 +86,182 @@ def truncate(path: Path, n=100):
 
 
 # ----------------------------------------------------------------------------------------------
+# 1. Checkpoints.
+
+
+def older_code(out):  # the .npz as the code before checkpoint metadata wrote it
+    npz = out / "checkpoints" / "teacher.npz"
+    np.savez(npz, seconds=1.0, loss=np.arange(10, dtype=np.float32))
+
+
+def other_config(out):
+    cfg = dataclasses.replace(TINY, teacher_lr=0.5)
+    save(train.Run(out), "teacher", train.teacher_setup(cfg, tasks.make_task(cfg), parallel.data_mesh())[0],
+         train.phase_fields(cfg, "teacher"))
+
+
+def other_network(out):  # a network of another shape, under this run's config: another version of the code
+    cfg = dataclasses.replace(TINY, width=8)
+    save(train.Run(out), "teacher", train.teacher_setup(cfg, tasks.make_task(cfg), parallel.data_mesh())[0],
+         train.phase_fields(TINY, "teacher"))
+
+
+CHECKPOINT_CASES = {  # spoil(out), the phase named, what the message says
+    "truncated state": (lambda out: truncate(out / "checkpoints" / "teacher.eqx"), "teacher", "truncated"),
+    "empty state": (lambda out: truncate(out / "checkpoints" / "teacher.eqx", 0), "teacher", "truncated"),
+    "garbage history": (lambda out: (out / "checkpoints" / "teacher.npz").write_text("x"), "teacher",
+                        "teacher.npz is missing or not an .npz archive"),
+    "no history": (lambda out: (out / "checkpoints" / "teacher.npz").unlink(), "teacher", "teacher.npz is missing"),
+    "older code": (older_code, "teacher", "another version"),
+    "other config": (other_config, "teacher", "teacher_lr = 0.5 there, 0.002 in this run"),
+    "other network": (other_network, "teacher", "another network"),
+    "later phase truncated": (lambda out: truncate(out / "checkpoints" / "mm_alternating_k2.eqx"), "mm_alternating_k2",
+                              "truncated"),
+}
+
+
+@pytest.mark.parametrize("case", CHECKPOINT_CASES)
+def test_bad_checkpoint_stops_before_training(case, tmp_path, monkeypatch):
+    """`--resume` of a run with one bad checkpoint: `CheckpointError` before the first training step (also when
+    the bad one is a later phase's), naming file, phase and remedy in one line; no file changes."""
+    out = tmp_path / "run"
+    make_run(out)
+    spoil, phase, why = CHECKPOINT_CASES[case]
+    spoil(out)
+    before = files(out)
+    monkeypatch.setattr(train, "run_phase", started)
+    cfg, got, _ = train.parse(["--resume", str(out)])
+    with pytest.raises(ValueError) as e:
+        train.main(cfg, train.Run(got))
+    msg = str(e.value)
+    assert type(e.value).__name__ == "CheckpointError", msg
+    assert str(out / "checkpoints" / f"{phase}.eqx") in msg and f"phase {phase}" in msg and why in msg, msg
+    assert "--overwrite" in msg and "delete" in msg and "\n" not in msg, msg
+    assert files(out) == before
+
+
+def test_good_checkpoints_resume(tmp_path, monkeypatch):
+    """The same run, unspoilt, gets to the teacher's training (its checkpoint loads, config.json is left as it is)."""
+    out = tmp_path / "run"
+    make_run(out)
+    before = files(out)
+    monkeypatch.setattr(train, "run_phase", started)
+    cfg, got, _ = train.parse(["--resume", str(out)])
+    with pytest.raises(Started, match="teacher"):
+        train.main(cfg, train.Run(got))
+    assert files(out) == before
+
+
+def test_truncated_checkpoint_cli(tmp_path):
+    """The report of issue 11: teacher.eqx cut to 100 bytes, `python train.py --resume DIR`: exit 2, one line."""
+    out = tmp_path / "run"
+    make_run(out, phases=("teacher",))
+    truncate(out / "checkpoints" / "teacher.eqx")
+    before = files(out)
+    p = subprocess.run([sys.executable, str(HERE / "train.py"), "--resume", str(out)], cwd=HERE, capture_output=True,
+                       text=True, timeout=300)
+    assert p.returncode == 2, p.stderr[-3000:]
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr[-3000:]
+    path = out / "checkpoints" / "teacher.eqx"
+    assert f"error: checkpoint {path} of phase teacher" in p.stderr and "--overwrite" in p.stderr, p.stderr
+    assert files(out) == before
+
+
+def test_checkpoint_of_another_shape_is_refused(tmp_path):
+    """At the level of `Run`: another shape, dtype or number of arrays is named; equinox alone would load an
+    extra trailing array silently."""
+    run = train.Run(tmp_path)
+    run.save_phase("p", (jnp.zeros(3), jnp.zeros(2)), 4, {"loss": np.zeros(4)}, 1.0)
+    for like, shown in [((jnp.zeros(4), jnp.zeros(2)), "array 0: [0] [3] float32 there, [0] [4] float32 in this run"),
+                        ((jnp.zeros(3, jnp.int32), jnp.zeros(2)), "[0] [3] int32 in this run"),
+                        ((jnp.zeros(3),), "array 1: [1] [2] float32 there, none in this run")]:
+        with pytest.raises(ValueError, match="another network or code") as e:
+            run.load_phase("p", like)
+        assert shown in str(e.value), str(e.value)
+    state, step, history, _ = run.load_phase("p", (jnp.zeros(3), jnp.zeros(2)))
+    assert step == 4 and len(history["loss"]) == 4
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. Writes that fail.
+
+
+def disk_full(target, *args, **kwargs):
+    """Stands in for a writer (`np.savez(file)`, `eqx.tree_serialise_leaves(path)`): part of the file, then ENOSPC."""
+    if isinstance(target, (str, os.PathLike)):
+        Path(target).write_bytes(b"partial")
+    else:
+        target.write(b"partial")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+@pytest.mark.parametrize("fails", ["history", "state"])
+def test_failed_checkpoint_write_keeps_the_previous_one(fails, tmp_path, monkeypatch):
+    """Disk full while writing the second chunk's checkpoint (its .npz, or its .eqx after the .npz): the first
+    checkpoint still loads, at its step, with its history; no temporary file; the error names path and cause."""
+
+    def step(x, key):
+        return x + 1.0, {"loss": x.sum()}
+
+    with pytest.raises(train.Stop):
+        train.run_phase(train.Run(tmp_path, max_chunks=1), "p", jnp.zeros(3), step, 9, jr.key(0), 3)
+    before = files(tmp_path)
+    if fails == "history":
+        monkeypatch.setattr(np, "savez", disk_full)
+    else:
+        monkeypatch.setattr(eqx, "tree_serialise_leaves", disk_full)
+    run = train.Run(tmp_path)
+    with pytest.raises(OSError) as e:
+        train.run_phase(run, "p", jnp.zeros(3), step, 9, jr.key(0), 3)
+    monkeypatch.undo()
+    name = "p.npz" if fails == "history" else "p.eqx"
+    msg = str(e.value)
+    assert type(e.value).__name__ == "WriteError" and str(tmp_path / "checkpoints" / name) in msg, msg
+    assert os.strerror(errno.ENOSPC) in msg and "\n" not in msg, msg
+    assert not list(tmp_path.rglob("*.tmp"))
+    after = files(tmp_path)
+    assert after["checkpoints/p.eqx"] == before["checkpoints/p.eqx"]
+    assert after == before or fails == "state"  # a state that failed after its history: a longer history, trimmed
+    x, saved, history, _ = run.load_phase("p", jnp.zeros(3))
+    assert saved == 3 and np.asarray(x).tolist() == [3.0] * 3 and history["loss"].tolist() == [0.0, 3.0, 6.0]
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EACCES])
+def test_failed_report_write_keeps_the_previous_file(code, tmp_path):
+    run = train.Run(tmp_path)
+    run.write_text("report.md", "previous")
+
+    def fail(path):
+        Path(path).write_text("half a rep")
+        raise OSError(code, os.strerror(code))
+
+    with pytest.raises(OSError) as e:
+        run.write("report.md", fail)
+    assert type(e.value).__name__ == "WriteError"
+    assert str(tmp_path / "report.md") in str(e.value) and os.strerror(code) in str(e.value)
+    assert (tmp_path / "report.md").read_text() == "previous" and not list(tmp_path.rglob("*.tmp"))
+
+
+@pytest.mark.parametrize("error, code", [("WriteError", 5), ("CheckpointError", 2), ("Stop", 3),
+                                         ("FloatingPointError", 4)])
+def test_cli_exit_codes(error, code, tmp_path, monkeypatch, capsys):
+    """`train.cli` maps each expected failure to its exit code and one line (README, Reliability)."""
+    exc = getattr(train, error, None) or FloatingPointError
+    msg = f"could not write {tmp_path / 'x'}: {os.strerror(errno.ENOSPC)}" if code == 5 else "what happened"
+
+    def main(cfg, run):
+        raise exc(msg)
+
+    monkeypatch.setattr(train, "main", main)
+    assert train.cli(["--preset", "smoke", "--out", str(tmp_path / "out")]) == code
+    out, err = capsys.readouterr()
+    text = out if code == 3 else err
+    assert msg in error_line(text) and "Traceback" not in err, (out, err)
+    if code in (3, 5):
+        assert f"--resume {tmp_path / 'out'}" in error_line(text)
+
+
+# ----------------------------------------------------------------------------------------------
 # 3. Data files.
 
 IMAGES = np.zeros((6, 8, 8, 1), np.uint8)
@@ -151,3 +327,19 @@ def test_bad_npz_exits_2_naming_file_array_and_expectation(case, tmp_path, monke
     for s in expected:
         assert s.format(p=path) in line, line
     assert files(tmp_path) == before  # out was not created
+
+
+def test_data_file_damaged_before_resume(tmp_path, monkeypatch, capsys):
+    """The file of a resumed run's config, damaged since: exit 2 from `main`, before training, naming it."""
+    data, out = tmp_path / "d.npz", tmp_path / "run"
+    np.savez(data, images=IMAGES)
+    out.mkdir()
+    cfg = dataclasses.replace(train.IMAGE_PRESETS["smoke"], data=f"npz:{data}")
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=1))
+    data.write_text("x")
+    before = files(tmp_path)
+    monkeypatch.setattr(train, "run_phase", started)
+    assert train.cli(["--resume", str(out)]) == 2
+    line = error_line(capsys.readouterr().err)
+    assert line.startswith("error: ") and f"{data} is not an .npz" in line, line
+    assert {k: v for k, v in files(tmp_path).items()} == before
