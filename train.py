@@ -76,20 +76,36 @@ class Config:
     classifier_cache: str = "runs/digits_classifier.eqx"
 
     def __post_init__(self):
+        if not 0 <= self.guidance < float("inf"):
+            raise ValueError(f"guidance scale must be a finite number >= 0; got {self.guidance}")
         if tasks.is_image_data(self.data):
             if self.data.startswith("npz:") and not Path(self.data[4:]).is_file():
                 raise ValueError(f"--data {self.data}: no such file")
             if self.teacher != "trained":
                 raise ValueError("--teacher exact needs toy data (ring8, gauss, gmm): images have no closed form")
+            if self.dim is not None:
+                raise ValueError(f"--dim {self.dim}: only gauss and gmm take a dimension, not --data {self.data}")
         else:
+            if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
+                raise ValueError(f"--dim must be an integer >= 1; got {self.dim!r}")
             D.get_toy(self.data, self.dim)  # raises on unknown data
-        if self.guidance < 0:
-            raise ValueError(f"guidance scale must be >= 0; got {self.guidance}")
+            if self.guidance != 0:  # toy networks have no classes, hence no unconditional prediction to guide with
+                raise ValueError(f"--guidance {self.guidance} needs class-conditional images (digits, npz with labels)")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise ValueError(f"--seed must be an integer in 0..2**32 - 1; got {self.seed!r}")
+        for f in ("ttur", "batch", "width", "depth", "teacher_steps", "mm_train_steps", "dmd2_train_steps",
+                  "n_samples", "chunk", "image_width", "image_depth"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f} must be an integer >= 1; got {v!r}")
+        for flag, xs in (("--methods", self.methods), ("--steps", self.mm_steps), ("--steps", self.dmd2_steps)):
+            if len(set(xs)) < len(xs):  # one checkpoint per phase name: a repeated phase would resume its twin
+                raise ValueError(f"{flag} lists a value twice: {','.join(map(str, xs))}")
         if self.teacher not in ("trained", "exact"):
             raise ValueError(f"unknown teacher {self.teacher!r}; choose 'trained' or 'exact'")
         for m in self.methods:
             if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
+                raise ValueError(f"--methods: unknown method {m!r}; choose from {METHODS}")
         for k in self.mm_steps + self.dmd2_steps + self.teacher_ks:
             if not isinstance(k, int) or k < 1:
                 raise ValueError(f"every k (number of sampling steps) must be an integer >= 1; got {k!r}")
@@ -484,6 +500,8 @@ def main(cfg: Config, run: Run):
 
 
 def parse(argv=None):
+    """`(config, output directory, max chunks)` from the command line; bad input exits 2 with a one-line
+    `error:` naming the value, before anything is written (`--overwrite` deletes only after all checks)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     p.add_argument("--data", help="ring8 | gauss | gmm | digits | npz:PATH (images (N,H,W,C), optional labels)")
@@ -503,14 +521,21 @@ def parse(argv=None):
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
     p.add_argument("--max-chunks", type=int, help="stop cleanly after this many training chunks (tests resume)")
     a = p.parse_args(argv)
-    if a.resume:
+    if a.max_chunks is not None and a.max_chunks < 1:
+        p.error(f"--max-chunks must be >= 1; got {a.max_chunks}")
+    if a.resume is not None:
         out = Path(a.resume)
+        ignored = [k for k, v in vars(a).items() if v != p.get_default(k) and k not in ("resume", "max_chunks")]
+        if ignored:
+            names = {"gan": "no-gan", "backward_sim": "no-backward-sim"}
+            p.error(f"--resume {out} continues with its saved config.json; drop "
+                    f"{', '.join('--' + names.get(k, k.replace('_', '-')) for k in ignored)}")
         if not (out / "config.json").exists():
             p.error(f"--resume {out}: no config.json there, so no run to resume")
         try:
             fields = json.loads((out / "config.json").read_text())
             cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
             p.error(f"--resume {out}: bad config.json: {e}")
         return cfg, out, a.max_chunks
     presets = IMAGE_PRESETS if a.data and tasks.is_image_data(a.data) else PRESETS
@@ -518,9 +543,9 @@ def parse(argv=None):
         p.error(f"unknown preset {a.preset!r}; choose one of {sorted(presets)}")
     over = {k: getattr(a, k) for k in ("data", "dim", "teacher", "seed", "zs_sampling", "weighting", "ttur", "gan",
                                        "backward_sim", "guidance") if getattr(a, k) is not None}
-    if a.methods:
+    if a.methods is not None:
         over["methods"] = tuple(m.strip() for m in a.methods.split(","))
-    if a.steps:
+    if a.steps is not None:
         try:
             ks = tuple(int(k) for k in a.steps.split(","))
         except ValueError:
