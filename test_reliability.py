@@ -342,7 +342,7 @@ def test_data_file_damaged_before_resume(tmp_path, monkeypatch, capsys):
     assert train.cli(["--resume", str(out)]) == 2
     line = error_line(capsys.readouterr().err)
     assert line.startswith("error: ") and f"{data} is not an .npz" in line, line
-    assert {k: v for k, v in files(tmp_path).items()} == before
+    assert files(tmp_path) == before
 
 
 # ----------------------------------------------------------------------------------------------
@@ -520,6 +520,7 @@ def test_cli_fuzz(sandbox, tmp_path_factory, data):
     if bad:
         line = error_line(err)
         assert code == 2 and "error:" in line and any(t in line for t in bad), (argv, bad, code, err)
+        assert all(s.startswith(("usage:", " ")) for s in err.strip().splitlines()[:-1]), err  # argparse's usage
         assert files(box) == before, argv
     else:
         assert code == "started", (argv, code, err)
