@@ -11,6 +11,8 @@ optional int labels `(N,)`: the range and `sigma_data = 0.5` that EDM preconditi
 """
 
 import dataclasses
+import zipfile
+import zlib
 from typing import Optional, Union
 
 import equinox as eqx
@@ -21,6 +23,8 @@ from sampling import Schedule
 
 MIN_SIDE, MAX_SIDE = 8, 64  # accepted square image sides, inclusive
 MAX_CHANNELS = 4
+MIN_IMAGES = 4  # the image metrics split the data in halves of >= 2 (a covariance each)
+MAX_CLASSES = 1000  # labels 0..999: the class embedding has a row per class
 
 
 def check_finite(name: str, x) -> np.ndarray:
@@ -202,12 +206,13 @@ def digits_halves(seed: int = 0):
     return (images[a], labels[a]), (images[b], labels[b])
 
 
-def check_images(images, labels=None, name="images"):
+def check_images(images, labels=None, name="images", labels_name="labels"):
     """Validate and convert an image array to float32 `(N, H, W, C)` in [-1, 1]; labels to int32 `(N,)`.
 
     Integer images must be 0..255 and are mapped by `x / 127.5 - 1`. Float images are taken to be in
     [-1, 1] already and rejected otherwise (we do not guess between [0, 1] and [0, 255]).
-    Accepted shapes: square sides `MIN_SIDE..MAX_SIDE` (8..64, any integer), 1..4 channels, N >= 1.
+    Accepted shapes: square sides `MIN_SIDE..MAX_SIDE` (8..64, any integer), 1..4 channels, N >= 4.
+    Labels: integers (or integer-valued floats) in `0..MAX_CLASSES - 1`.
     """
     x = np.asarray(images)
     if x.ndim != 4:
@@ -219,8 +224,8 @@ def check_images(images, labels=None, name="images"):
         raise ValueError(f"{name} side must be in {MIN_SIDE}..{MAX_SIDE}; got {h} (shape {x.shape})")
     if not 1 <= c <= MAX_CHANNELS:
         raise ValueError(f"{name} must have 1..{MAX_CHANNELS} channels (last axis); got C = {c} (shape {x.shape})")
-    if n == 0:
-        raise ValueError(f"{name} is empty (shape {x.shape})")
+    if n < MIN_IMAGES:
+        raise ValueError(f"{name} holds {n} images; need at least {MIN_IMAGES} (shape {x.shape})")
     if np.issubdtype(x.dtype, np.integer):
         lo, hi = int(x.min()), int(x.max())
         if lo < 0 or hi > 255:
@@ -241,27 +246,43 @@ def check_images(images, labels=None, name="images"):
         return x, None
     y = np.asarray(labels)
     if y.ndim != 1 or y.shape[0] != n:
-        raise ValueError(f"labels must have shape ({n},) to match {n} images; got shape {y.shape}")
+        raise ValueError(f"{labels_name} must have shape ({n},) to match {n} images; got shape {y.shape}")
+    if not (np.issubdtype(y.dtype, np.integer) or np.issubdtype(y.dtype, np.floating)):
+        raise ValueError(f"{labels_name} must be integers; got dtype {y.dtype}")
     if not np.issubdtype(y.dtype, np.integer):
-        check_finite("labels", y)
+        check_finite(labels_name, y)
         if not np.all(y == np.round(y)):
-            raise ValueError(f"labels must be integers; got dtype {y.dtype} with non-integer values")
-    if y.min() < 0:
-        raise ValueError(f"labels must be >= 0; got minimum {y.min()}")
+            raise ValueError(f"{labels_name} must be integers; got dtype {y.dtype} with non-integer values")
+    if y.min() < 0 or y.max() >= MAX_CLASSES:
+        raise ValueError(f"{labels_name} must be in 0..{MAX_CLASSES - 1}; got range [{y.min()}, {y.max()}]")
     return x, y.astype(np.int32)
 
 
 def load_npz(path: str):
     """Images from a `.npz` with `images` (N, H, W, C) (uint8 0..255 or float in [-1, 1]) and optional `labels` (N,).
 
+    Never unpickles: anything but such an archive of numeric arrays raises `ValueError` naming the file,
+    the array and what was expected.
+
     **Returns:** `(images, labels_or_None)` as in `check_images`.
     """
-    with np.load(path, allow_pickle=False) as f:
-        if "images" not in f.files:
-            raise ValueError(f"{path} has no 'images' array; found keys {sorted(f.files)}")
-        images = f["images"]
-        labels = f["labels"] if "labels" in f.files else None
-    return check_images(images, labels, name=f"images in {path}")
+    expected = "expected an .npz (np.savez) of numeric arrays 'images' (N, H, W, C) and optionally 'labels' (N,)"
+    if not zipfile.is_zipfile(path):  # np.load would take any other file for a pickle
+        raise ValueError(f"{path} is not an .npz archive; {expected}")
+    key, arrays = None, {}
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            found = sorted(f.files)
+            for key in ("images", "labels"):
+                if key in found:
+                    arrays[key] = f[key]
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:  # damaged, or an object array
+        where = f"array {key!r} of {path}" if key else path
+        raise ValueError(f"cannot read {where} ({e}); {expected}") from e
+    if "images" not in arrays:
+        raise ValueError(f"{path} has no 'images' array; found keys {found}; {expected}")
+    return check_images(arrays["images"], arrays.get("labels"), name=f"images in {path}",
+                        labels_name=f"labels in {path}")
 
 
 def get_images(spec: str):

@@ -61,6 +61,8 @@ def image_task(cfg) -> Task:
     shapes: the Frechet distance in pixel space against the data.
     """
     images, labels = D.get_images(cfg.data)
+    if cfg.guidance and labels is None:  # guidance contrasts the conditional and the unconditional prediction
+        raise ValueError(f"--guidance {cfg.guidance} needs labels; {cfg.data} has none")
     n_img, size, _, channels = images.shape
     num_classes = 0 if labels is None else int(labels.max()) + 1
     schedule = Schedule.for_resolution(size)

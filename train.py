@@ -8,6 +8,7 @@ writes the report, the claims table and the plots. Same seed, same numbers.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -15,6 +16,7 @@ import shutil
 import signal
 import sys
 import time
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -77,20 +79,36 @@ class Config:
     classifier_cache: str = "runs/digits_classifier.eqx"
 
     def __post_init__(self):
+        if not 0 <= self.guidance < float("inf"):
+            raise ValueError(f"guidance scale must be a finite number >= 0; got {self.guidance}")
         if tasks.is_image_data(self.data):
             if self.data.startswith("npz:") and not Path(self.data[4:]).is_file():
                 raise ValueError(f"--data {self.data}: no such file")
             if self.teacher != "trained":
                 raise ValueError("--teacher exact needs toy data (ring8, gauss, gmm): images have no closed form")
+            if self.dim is not None:
+                raise ValueError(f"--dim {self.dim}: only gauss and gmm take a dimension, not --data {self.data}")
         else:
+            if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
+                raise ValueError(f"--dim must be an integer >= 1; got {self.dim!r}")
             D.get_toy(self.data, self.dim)  # raises on unknown data
-        if self.guidance < 0:
-            raise ValueError(f"guidance scale must be >= 0; got {self.guidance}")
+            if self.guidance != 0:  # toy networks have no classes, hence no unconditional prediction to guide with
+                raise ValueError(f"--guidance {self.guidance} needs class-conditional images (digits, npz with labels)")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise ValueError(f"--seed must be an integer in 0..2**32 - 1; got {self.seed!r}")
+        for f in ("ttur", "batch", "width", "depth", "teacher_steps", "mm_train_steps", "dmd2_train_steps",
+                  "n_samples", "chunk", "image_width", "image_depth"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f} must be an integer >= 1; got {v!r}")
+        for flag, xs in (("--methods", self.methods), ("--steps", self.mm_steps), ("--steps", self.dmd2_steps)):
+            if len(set(xs)) < len(xs):  # one checkpoint per phase name: a repeated phase would resume its twin
+                raise ValueError(f"{flag} lists a value twice: {','.join(map(str, xs))}")
         if self.teacher not in ("trained", "exact"):
             raise ValueError(f"unknown teacher {self.teacher!r}; choose 'trained' or 'exact'")
         for m in self.methods:
             if m not in METHODS:
-                raise ValueError(f"unknown method {m!r}; choose from {METHODS}")
+                raise ValueError(f"--methods: unknown method {m!r}; choose from {METHODS}")
         for k in self.mm_steps + self.dmd2_steps + self.teacher_ks:
             if not isinstance(k, int) or k < 1:
                 raise ValueError(f"every k (number of sampling steps) must be an integer >= 1; got {k!r}")
@@ -141,6 +159,34 @@ class Stop(Exception):
     """Training stopped cleanly (signal or --max-chunks); the checkpoint is on disk."""
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be resumed: unreadable, truncated, or written for another config, network or code."""
+
+
+class WriteError(OSError):
+    """Writing a file of the run failed (disk full, permissions); the previous version of the file is intact."""
+
+
+CHECKPOINT_VERSION = 1  # bump when what a checkpoint holds changes; older checkpoints are then refused, by name
+# Config fields the teacher phase depends on; the distillation phases depend on every field but NOT_TRAINING.
+TEACHER_FIELDS = ("data", "dim", "teacher", "seed", "batch", "width", "depth", "teacher_steps", "teacher_lr",
+                  "image_width", "image_depth", "p_uncond")
+NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", "n_samples", "chunk", "classifier_cache")
+
+
+def phase_fields(cfg: Config, name, overrides=None):
+    """The config fields phase `name` depends on, as JSON values: stored beside its checkpoint, compared on resume."""
+    c = dataclasses.asdict(dataclasses.replace(cfg, **(overrides or {})))
+    keep = TEACHER_FIELDS if name == "teacher" else [f for f in c if f not in NOT_TRAINING]
+    return json.loads(json.dumps({f: c[f] for f in keep}))
+
+
+def tree_arrays(tree):
+    """`[[path, shape, dtype], ...]` of the arrays in `tree`: what a checkpoint must match to load into it."""
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return [[jax.tree_util.keystr(p), list(x.shape), str(x.dtype)] for p, x in leaves if hasattr(x, "dtype")]
+
+
 class Run:
     """The output directory: atomic writes, per-phase checkpoints, and the stop flag set by signals."""
 
@@ -150,11 +196,24 @@ class Run:
         self.stop_reason, self.chunks_left = None, max_chunks
 
     def write(self, name, write_fn):
-        """Write `out/name` atomically: `write_fn(tmp_path)`, then rename over the target."""
+        """Write `out/name` atomically: `write_fn(tmp_path)`, flush to disk, then rename over the target.
+
+        If any of it fails the target keeps its previous content, the temporary file is removed, and
+        `WriteError` names the target and the OS error.
+        """
         path = self.out / name
         tmp = path.with_name(f".{path.name}.tmp")
-        write_fn(tmp)
-        os.replace(tmp, path)
+        try:
+            write_fn(tmp)
+            with open(tmp, "rb+") as f:  # a crash after the rename must not leave an empty file
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
+            if isinstance(e, OSError):
+                raise WriteError(f"could not write {path}: {e.strerror or e}; its previous version, if any, is intact") from e
+            raise
 
     def write_text(self, name, text):
         self.write(name, lambda p: Path(p).write_text(text))
@@ -166,20 +225,66 @@ class Run:
 
         self.write(name, write)
 
-    def save_phase(self, name, state, step, history, seconds):
-        # history first, then state: a crash in between leaves a longer history, trimmed on load
-        self.write_npz(f"checkpoints/{name}.npz", {"seconds": seconds, **history})
+    def save_phase(self, name, state, step, history, seconds, fields=None):
+        """Checkpoint: `name.npz` (loss history, seconds, and `meta`: version, `fields`, the state's arrays), then
+        `name.eqx` (state, step). A crash in between leaves a longer history, trimmed on load."""
+        meta = json.dumps({"version": CHECKPOINT_VERSION, "config": fields, "arrays": tree_arrays(state)})
+        self.write_npz(f"checkpoints/{name}.npz", {"seconds": seconds, **history, "meta": np.array(meta)})
         self.write(f"checkpoints/{name}.eqx", lambda p: eqx.tree_serialise_leaves(p, (state, jnp.int32(step))))
 
-    def load_phase(self, name, like):
-        path = self.ckpt / f"{name}.eqx"
+    def load_phase(self, name, like, fields=None):
+        """`(state, step, history, seconds)` from phase `name`'s checkpoint (`like`: a state of the right structure),
+        or None if it has none yet. Raises `CheckpointError`, naming the file, the phase and what to do, if it is
+        unreadable, truncated, of another version of this code, of another network, or trained with other `fields`."""
+        path, npz = self.ckpt / f"{name}.eqx", self.ckpt / f"{name}.npz"
         if not path.exists():
             return None
-        state, step = eqx.tree_deserialise_leaves(path, (like, jnp.int32(0)))
-        with np.load(self.ckpt / f"{name}.npz") as f:
-            history = {k: f[k][: int(step)] for k in f.files if k != "seconds"}
-            seconds = float(f["seconds"])
-        return state, int(step), history, seconds
+
+        def refuse(why):
+            return CheckpointError(f"checkpoint {path} of phase {name} cannot be resumed: {' '.join(str(why).split())}. "
+                                   f"Nothing was changed; delete {path} and {npz} to retrain this phase, "
+                                   f"or start the run afresh with --out {self.out} --overwrite")
+
+        if not zipfile.is_zipfile(npz):  # (np.load would take any other file for a pickle, and say so)
+            raise refuse(f"{npz.name} is missing or not an .npz archive")
+        try:
+            with np.load(npz, allow_pickle=False) as f:
+                meta = json.loads(str(f["meta"])) if "meta" in f.files else {}
+                if not (isinstance(meta, dict) and isinstance(meta.get("config") or {}, dict)
+                        and isinstance(meta.get("arrays") or [], list)):
+                    raise ValueError(f"malformed metadata {str(meta)[:80]}")
+                history = {k: f[k] for k in f.files if k not in ("seconds", "meta")}
+                seconds = float(f["seconds"])
+        except Exception as e:  # a damaged file can fail in many ways (zip, zlib, npy header, JSON); all mean the same
+            raise refuse(f"{npz.name} is unreadable ({type(e).__name__}: {e})") from e
+        if meta.get("version") != CHECKPOINT_VERSION:
+            raise refuse(f"written by another version of train.py (checkpoint format {meta.get('version')}, "
+                         f"this code {CHECKPOINT_VERSION})")
+        saved = meta.get("config")
+        if fields is not None and saved != fields:
+            saved = saved or {}
+            diff = [f"{k} = {saved.get(k)!r} there, {fields.get(k)!r} in this run" for k in sorted({*saved, *fields})
+                    if saved.get(k) != fields.get(k)]
+            raise refuse(f"trained with another config ({'; '.join(diff)})")
+        have, want = meta.get("arrays") or [], tree_arrays(like)
+        if have != want:
+            i = next((i for i, (a, b) in enumerate(zip(have, want)) if a != b), min(len(have), len(want)))
+
+            def show(arrays):
+                return " ".join(map(str, arrays[i])) if i < len(arrays) and isinstance(arrays[i], list) else "none"
+
+            raise refuse(f"another network or code (array {i}: {show(have)} there, {show(want)} in this run)")
+        try:
+            state, step = eqx.tree_deserialise_leaves(path, (like, jnp.int32(0)))
+        except Exception as e:  # truncated or overwritten: equinox wraps whatever numpy raised
+            cause = e
+            while cause.__cause__ is not None:
+                cause = cause.__cause__
+            raise refuse(f"truncated or damaged ({path.stat().st_size} bytes; {type(cause).__name__}: {cause})") from e
+        step = int(step)
+        if not all(len(v) >= step for v in history.values()):
+            raise refuse(f"its state is at step {step} but {npz.name} holds a shorter loss history")
+        return state, step, {k: v[:step] for k, v in history.items()}, seconds
 
     def count_chunk(self):
         if self.chunks_left is not None:
@@ -193,14 +298,15 @@ class Run:
             raise Stop(self.stop_reason)
 
 
-def run_phase(run: Run, name, state, step_fn, num_steps, key, chunk):
+def run_phase(run: Run, name, state, step_fn, num_steps, key, chunk, fields=None):
     """Train `state` with `step_fn(state, key) -> (state, metrics)` for `num_steps` steps, resumably.
 
     Step i uses `fold_in(key, i)`, so chunking and resuming do not change the numbers. A non-finite
-    metric stops training with the phase, step and value; the last good checkpoint stays.
+    metric stops training with the phase, step and value; the last good checkpoint stays. `fields`
+    (`phase_fields`) is stored with each checkpoint and must match to resume from one.
     """
     start, history, seconds = 0, {}, 0.0
-    loaded = run.load_phase(name, state)
+    loaded = run.load_phase(name, state, fields)
     if loaded is not None:
         state, start, history, seconds = loaded
 
@@ -230,7 +336,7 @@ def run_phase(run: Run, name, state, step_fn, num_steps, key, chunk):
             seconds += time.perf_counter() - t0
             state, start = new_state, start + n
             history = {k: np.concatenate([history.get(k, np.zeros(0, v.dtype)), v]) for k, v in metrics.items()}
-            run.save_phase(name, state, start, history, seconds)
+            run.save_phase(name, state, start, history, seconds, fields)
             bar.update(n)
             bar.set_postfix({k: f"{v[-1]:.4g}" for k, v in metrics.items()})
             run.count_chunk()
@@ -258,8 +364,9 @@ def with_labels(step_fn, task: tasks.Task, n, mesh, *, dropout=0.0):
     return step
 
 
-def train_teacher(run, cfg: Config, task: tasks.Task, mesh, key):
-    """The trained teacher network, or (exact) a network regressed onto the closed-form denoiser."""
+def teacher_setup(cfg: Config, task: tasks.Task, mesh):
+    """The teacher phase's initial state and step function: a network trained on the data, or (exact) regressed
+    onto the closed-form denoiser."""
     opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
     kw = dict(optimiser=opt, schedule=task.schedule)
     if cfg.teacher == "trained":
@@ -268,12 +375,17 @@ def train_teacher(run, cfg: Config, task: tasks.Task, mesh, key):
         fn = lambda st, k, x, lab: mmd.regression_step(st, task.exact, x, k, label=lab, **kw)
     step = with_labels(lambda st, k, x, lab: (lambda s, l: (s, {"loss": l}))(*fn(st, k, x, lab)), task, cfg.batch,
                        mesh, dropout=cfg.p_uncond)
-    state = parallel.replicate(mmd.init_player(task.network(jr.key(cfg.seed)), opt), mesh)
-    return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk)
+    return parallel.replicate(mmd.init_player(task.network(jr.key(cfg.seed)), opt), mesh), step
 
 
-def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh, key):
-    """One distillation phase. `teacher` is what the losses call; `net` the network students start from."""
+def train_teacher(run, cfg: Config, task: tasks.Task, mesh, key):
+    state, step = teacher_setup(cfg, task, mesh)
+    return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk, phase_fields(cfg, "teacher"))
+
+
+def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh):
+    """A distillation phase's initial state, step function and number of steps. `teacher` is what the losses
+    call; `net` the network students start from."""
     c = dataclasses.replace(cfg, **overrides)
     b, sched = cfg.batch, task.schedule
     if method == "dmd2":
@@ -295,15 +407,23 @@ def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teach
                 st, teacher, x, kk, cfg=mcfg, optimiser=opt, schedule=sched, label=lab), task, b, mesh)
         else:
             mcfg = dataclasses.replace(mcfg, nu_decay=c.nu_decay)
+            if precond is None:  # check_checkpoints: the state's structure only
+                precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
             teacher, precond = instant_space(cfg, task, teacher, net, precond)
-            data_grad = data_moment(cfg, task, teacher, weighting, key) if c.instant_eq10 else None
+            data_grad = data_moment(cfg, task, teacher, weighting) if c.instant_eq10 and teacher is not None else None
             opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10))
             state = mmd.init_instant(net, opt, precond)
             step = with_labels(lambda st, kk, x, lab: mmd.instant_step(
                 st, teacher, precond, x[:b], x[b:], kk, cfg=mcfg, optimiser=opt, schedule=sched,
                 label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:],
                 data_grad=data_grad), task, 2 * b, mesh)
-    state, history, seconds = run_phase(run, name, parallel.replicate(state, mesh), step, num, key, cfg.chunk)
+    return parallel.replicate(state, mesh), step, num
+
+
+def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh, key):
+    """One distillation phase: its student network, loss history and training seconds."""
+    state, step, num = distil_setup(cfg, method, k, overrides, task, teacher, net, precond, mesh)
+    state, history, seconds = run_phase(run, name, state, step, num, key, cfg.chunk, phase_fields(cfg, name, overrides))
     model = state.student.model if method == "mm_instant" else state.generator.model
     return model, history, seconds
 
@@ -317,13 +437,38 @@ def instant_space(cfg: Config, task: tasks.Task, teacher, net, precond):
     return L.StraightThrough(net, task.exact), L.StraightThrough(precond, zeros)
 
 
-def data_moment(cfg: Config, task: tasks.Task, teacher, weighting, key):
+def data_moment(cfg: Config, task: tasks.Task, teacher, weighting):
     """Eq. 10's data term for this teacher and weighting, from `cfg.data_grad_batches` real batches."""
-    kx, kg = jr.split(jr.fold_in(key, 1_000_003))
+    kx, kg = jr.split(jr.fold_in(jr.key(cfg.seed), 1_000_003))
     draws = [task.draw(jr.fold_in(kx, i), cfg.batch) for i in range(cfg.data_grad_batches)]
     xs = jnp.stack([x for x, _ in draws])
     labels = None if draws[0][1] is None else jnp.stack([lab for _, lab in draws])
     return eqx.filter_jit(mmd.data_moment)(teacher, task.schedule, xs, kg, weighting=weighting, labels=labels)
+
+
+                label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:]), task, 2 * b, mesh)
+    return parallel.replicate(state, mesh), step, num
+
+
+def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh, key):
+    """One distillation phase: its student network, loss history and training seconds."""
+    state, step, num = distil_setup(cfg, method, k, overrides, task, teacher, net, precond, mesh)
+    state, history, seconds = run_phase(run, name, state, step, num, key, cfg.chunk, phase_fields(cfg, name, overrides))
+    model = state.model if method == "mm_instant" else state.generator.model
+    return model, history, seconds
+
+
+def check_checkpoints(run: Run, cfg: Config, task: tasks.Task, mesh):
+    """Load every checkpoint a resumed run already has, before its first training step: a bad one stops the
+    run now (`CheckpointError`), not when its phase is reached."""
+    if not any(run.ckpt.glob("*.eqx")):
+        return
+    teacher = teacher_setup(cfg, task, mesh)[0]
+    run.load_phase("teacher", teacher, phase_fields(cfg, "teacher"))
+    for name, method, k, overrides in phases(cfg):
+        if (run.ckpt / f"{name}.eqx").exists():  # the state's structure only: no teacher, no preconditioner
+            like = distil_setup(cfg, method, k, overrides, task, None, teacher.model, None, mesh)[0]
+            run.load_phase(name, like, phase_fields(cfg, name, overrides))
 
 
 def draw_samples(model, task: tasks.Task, key, n, k, step):
@@ -343,7 +488,10 @@ def main(cfg: Config, run: Run):
     parallel.maybe_initialize_distributed()
     mesh = parallel.data_mesh()
     parallel.batch_split(cfg.batch, mesh)  # raises before training if the batch does not divide
-    run.write_text("config.json", json.dumps(dataclasses.asdict(cfg), indent=1))
+    check_checkpoints(run, cfg, task, mesh)
+    config = json.dumps(dataclasses.asdict(cfg), indent=1)
+    if not (run.out / "config.json").is_file() or (run.out / "config.json").read_text() != config:
+        run.write_text("config.json", config)  # (a resumed run leaves its file untouched)
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
 
     teacher_state, history, seconds = train_teacher(run, cfg, task, mesh, key_teacher)
@@ -388,6 +536,8 @@ def main(cfg: Config, run: Run):
 
 
 def parse(argv=None):
+    """`(config, output directory, max chunks)` from the command line; bad input exits 2 with a one-line
+    `error:` naming the value, before anything is written (`--overwrite` deletes only after all checks)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
     p.add_argument("--data", help="ring8 | gauss | gmm | digits | npz:PATH (images (N,H,W,C), optional labels)")
@@ -407,14 +557,21 @@ def parse(argv=None):
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
     p.add_argument("--max-chunks", type=int, help="stop cleanly after this many training chunks (tests resume)")
     a = p.parse_args(argv)
-    if a.resume:
+    if a.max_chunks is not None and a.max_chunks < 1:
+        p.error(f"--max-chunks must be >= 1; got {a.max_chunks}")
+    if a.resume is not None:
         out = Path(a.resume)
+        ignored = [k for k, v in vars(a).items() if v != p.get_default(k) and k not in ("resume", "max_chunks")]
+        if ignored:
+            names = {"gan": "no-gan", "backward_sim": "no-backward-sim"}
+            p.error(f"--resume {out} continues with its saved config.json; drop "
+                    f"{', '.join('--' + names.get(k, k.replace('_', '-')) for k in ignored)}")
         if not (out / "config.json").exists():
             p.error(f"--resume {out}: no config.json there, so no run to resume")
         try:
             fields = json.loads((out / "config.json").read_text())
             cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-        except (OSError, json.JSONDecodeError, TypeError, ValueError) as e:
+        except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
             p.error(f"--resume {out}: bad config.json: {e}")
         return cfg, out, a.max_chunks
     presets = IMAGE_PRESETS if a.data and tasks.is_image_data(a.data) else PRESETS
@@ -422,9 +579,9 @@ def parse(argv=None):
         p.error(f"unknown preset {a.preset!r}; choose one of {sorted(presets)}")
     over = {k: getattr(a, k) for k in ("data", "dim", "teacher", "seed", "zs_sampling", "weighting", "ttur", "gan",
                                        "backward_sim", "guidance") if getattr(a, k) is not None}
-    if a.methods:
+    if a.methods is not None:
         over["methods"] = tuple(m.strip() for m in a.methods.split(","))
-    if a.steps:
+    if a.steps is not None:
         try:
             ks = tuple(int(k) for k in a.steps.split(","))
         except ValueError:
@@ -432,6 +589,9 @@ def parse(argv=None):
         over.update(mm_steps=ks, dmd2_steps=ks)
     try:
         cfg = dataclasses.replace(presets[a.preset], **over)
+        # read the file now, so that a bad one stops the run before --overwrite deletes anything
+        if cfg.data.startswith("npz:") and D.load_npz(cfg.data[4:])[1] is None and cfg.guidance:
+            raise ValueError(f"--guidance {cfg.guidance} needs labels; {cfg.data} has none")
     except ValueError as e:
         p.error(str(e))
     out = Path(a.out or f"runs/{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -453,26 +613,38 @@ def parse(argv=None):
     return cfg, out, a.max_chunks
 
 
-if __name__ == "__main__":
-    cfg, out, max_chunks = parse()
+def cli(argv=None) -> int:
+    """`python train.py`: the exit code, with a one-line message for every expected failure: 0 done, 2 bad input
+    (flags, data file, checkpoint; from `parse` too), 3 stopped cleanly (resume it), 4 diverged, 5 a write failed."""
+    cfg, out, max_chunks = parse(argv)
     print(f"writing to {out}")
     run = Run(out, max_chunks)
 
     def on_signal(signum, frame):  # finish the current chunk, checkpoint, exit
         run.stop_reason = f"signal {signal.Signals(signum).name}"
 
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
+    handlers = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
     t0 = time.perf_counter()
     try:
         main(cfg, run)
     except Stop as e:
         print(f"stopped ({e}); checkpoint saved. Continue with: python train.py --resume {out}")
-        sys.exit(3)
+        return 3
     except FloatingPointError as e:
         print(f"training diverged: {e}", file=sys.stderr)
-        sys.exit(4)
-    except ValueError as e:  # bad data found only once loaded (NaN, shapes, batch vs devices)
+        return 4
+    except ValueError as e:  # bad data or checkpoints, found only once loaded (NaN, shapes, batch vs devices)
         print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except OSError as e:  # WriteError: disk full, permissions; every checkpoint on disk is a complete one
+        print(f"error: {e}. Once fixed, continue with: python train.py --resume {out}", file=sys.stderr)
+        return 5
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
     print(f"done in {time.perf_counter() - t0:.0f} s; report: {out / 'report.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())
