@@ -60,8 +60,11 @@ class GaussianDenoiser(eqx.Module):
 
     def __call__(self, z, t):
         alpha, sigma = self.schedule.alpha_sigma(t)
-        cov = 0.5 * (self.cov + self.cov.T)  # theta = (mean, cov) can be trained (closed-form testbed); keep S symmetric
-        return _gaussian_posterior(self.mean, cov, z, alpha, sigma)[0]
+        # theta = (mean, cov) is trained in the closed-form testbed: keep S symmetric, and solve without a
+        # Cholesky factor, which a transiently indefinite S would turn into NaN
+        cov = 0.5 * (self.cov + self.cov.T)
+        c = alpha**2 * cov + sigma**2 * jnp.eye(self.mean.shape[0])
+        return self.mean + alpha * cov @ jnp.linalg.solve(c, z - alpha * self.mean)
 
     def posterior_cov(self, t):
         """Cov[x | z_t] = S - alpha^2 S (alpha^2 S + sigma^2 I)^-1 S."""
@@ -151,6 +154,23 @@ class AffineStepDenoiser(eqx.Module):
         k = self.A.shape[0]
         i = jnp.clip(jnp.round((1.0 - t) * k).astype(jnp.int32), 0, k - 1)
         return self.A[i] @ z + self.b[i]
+
+    def output_moments(self, schedule: Schedule):
+        """Exact mean and covariance of the k-step ancestral sampler's output (`sampling.ancestral_sample`).
+
+        z_1 ~ N(0, I); each step `z_s = c_z z_t + c_x (A_i z_t + b_i) + std eps` is affine with Gaussian noise.
+        """
+        from sampling import posterior  # noqa: PLC0415
+
+        k, d = self.b.shape
+        m, p = jnp.zeros(d), jnp.eye(d)
+        for i in range(k - 1):
+            t, s = 1.0 - i / k, 1.0 - (i + 1) / k
+            c_z = posterior(schedule, jnp.ones(()), jnp.zeros(()), t, s)[0]
+            c_x, std = posterior(schedule, jnp.zeros(()), jnp.ones(()), t, s)
+            step = c_z * jnp.eye(d) + c_x * self.A[i]
+            m, p = step @ m + c_x * self.b[i], step @ p @ step.T + std**2 * jnp.eye(d)
+        return self.A[-1] @ m + self.b[-1], self.A[-1] @ p @ self.A[-1].T
 
 
 # ----------------------------------------------------------------------------------------------

@@ -446,18 +446,6 @@ def data_moment(cfg: Config, task: tasks.Task, teacher, weighting):
     return eqx.filter_jit(mmd.data_moment)(teacher, task.schedule, xs, kg, weighting=weighting, labels=labels)
 
 
-                label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:]), task, 2 * b, mesh)
-    return parallel.replicate(state, mesh), step, num
-
-
-def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh, key):
-    """One distillation phase: its student network, loss history and training seconds."""
-    state, step, num = distil_setup(cfg, method, k, overrides, task, teacher, net, precond, mesh)
-    state, history, seconds = run_phase(run, name, state, step, num, key, cfg.chunk, phase_fields(cfg, name, overrides))
-    model = state.model if method == "mm_instant" else state.generator.model
-    return model, history, seconds
-
-
 def check_checkpoints(run: Run, cfg: Config, task: tasks.Task, mesh):
     """Load every checkpoint a resumed run already has, before its first training step: a bad one stops the
     run now (`CheckpointError`), not when its phase is reached."""
