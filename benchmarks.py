@@ -3,7 +3,7 @@
 `python benchmarks.py sampler|steps|all [--batch B] [--width W] [--scan N] [--repeats R]` prints
 markdown tables.
 
-- `sampler`: `sampler_error` (relative error of sample mean and covariance, `test_mmd`) of ancestral
+- `sampler`: `sampler_error` (relative error of sample mean and covariance, `metrics.py`) of ancestral
   and DDIM sampling with the exact `GaussianDenoiser`, for 1 ... 512 steps, beside the Monte-Carlo
   noise floor; and the error of the recovered component weight of a two-component mixture.
 - `steps`: the steady-state time of one update of each algorithm (run `--scan` times inside
@@ -23,9 +23,10 @@ import jax.random as jr
 import numpy as np
 
 import mmd
+from data import RING2, random_cov
+from metrics import component_fractions, sampler_error, sampler_noise_floor
 from models import GaussianDenoiser, MixtureDenoiser, MLPDenoiser
 from sampling import Schedule, ancestral_sample, ddim_sample
-from test_mmd import RING2, _component_fractions, random_cov, sampler_error, sampler_noise_floor
 
 SEED = 0
 NUM_STEPS = (1, 2, 4, 8, 64, 512)
@@ -71,7 +72,7 @@ def sampler_table(n=20_000, num_steps=NUM_STEPS, dims=(2, 8), seed=SEED):
 
     Gaussian rows: `sampler_error` of `n` samples from N(mu, cov), cov = `random_cov` with eigenvalues
     in [0.02, 1] (as `test_mmd.test_sampler_converges_with_exact_teacher`); floor = `sampler_noise_floor`.
-    Mixture rows (`test_mmd.RING2`): |fraction of samples with x_0 < 0 - 0.3|; floor = its binomial std error.
+    Mixture rows (`data.RING2`): |fraction of samples nearest the first mean - 0.3|; floor = its binomial std error.
     Every (data, sampler, num_steps) uses the key `fold_in(fold_in(key(seed), d), num_steps)`, d = 0 for the mixture.
     """
     key = jr.key(seed)
@@ -90,7 +91,7 @@ def sampler_table(n=20_000, num_steps=NUM_STEPS, dims=(2, 8), seed=SEED):
     floors.append(f"mixture weight: {floor:.4f}")
     for name in SAMPLERS:
         draws = [np.asarray(_draw(mix, jr.fold_in(jr.fold_in(key, 0), k), name, (n, 2), k)) for k in num_steps]
-        errs = [abs(_component_fractions(x)[0] - w) for x in draws]
+        errs = [abs(component_fractions(x, RING2["means"])[0] - w) for x in draws]
         rows.append(["mixture 0.3/0.7, weight error", name, f"{floor:.4f}"] + [f"{e:.4f}" for e in errs])
     title = f"Sampler error with the exact teacher, {n} samples (noise floor {', '.join(floors)})\n\n"
     return title + markdown(["data", "sampler", "floor"] + [f"k = {k}" for k in num_steps], rows)
