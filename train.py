@@ -57,6 +57,7 @@ class Config:
     depth: int = 3
     teacher_steps: int = 8000
     teacher_lr: float = 2e-3
+    teacher_ema: float = 0.0  # decay of the teacher's weight average (0: none, the last weights); see TeacherState
     mm_train_steps: int = 3000
     mm_lr: float = 1e-4
     instant_lr: float = 3e-4
@@ -81,6 +82,8 @@ class Config:
                 raise ValueError("--teacher exact needs toy data (ring8, gauss, gmm): images have no closed form")
         else:
             D.get_toy(self.data, self.dim)  # raises on unknown data
+        if not 0.0 <= self.teacher_ema < 1.0:
+            raise ValueError(f"teacher_ema (EMA decay) must be in [0, 1); got {self.teacher_ema}")
         if self.guidance < 0:
             raise ValueError(f"guidance scale must be >= 0; got {self.guidance}")
         if self.teacher not in ("trained", "exact"):
@@ -254,18 +257,54 @@ def with_labels(step_fn, task: tasks.Task, n, mesh, *, dropout=0.0):
     return step
 
 
+class TeacherState(eqx.Module):
+    """The teacher in training and the running average of its weights (checkpointed together, so resume is exact)."""
+
+    player: mmd.Player  # the network being trained and its optimiser (Adam) state
+    ema: Optional[eqx.Module]  # bias-corrected EMA of player.model (None: teacher_ema = 0)
+    count: jax.Array  # () int32, updates averaged into `ema`
+
+    @property
+    def model(self):
+        """The frozen teacher: the weight average if there is one, else the last weights."""
+        return self.player.model if self.ema is None else self.ema
+
+
+def ema_update(ema, model, decay, n):
+    """The EMA of a model's weights after its n-th update (n >= 1), bias-corrected as Adam's first moment.
+
+    With `e_n = d e_{n-1} + (1 - d) p_n`, `e_0 = 0`, this returns `e_n / (1 - d^n)`, the average of p_1..p_n
+    with weights proportional to `d^(n - i)` (no pull towards the initial weights), from the previous average:
+    `avg_n = b avg_{n-1} + (1 - b) p_n`, `b = d (1 - d^(n-1)) / (1 - d^n)` (b = 0 at n = 1). `0 < decay < 1`.
+    Only floating-point arrays are averaged; everything else is taken from `model`.
+    """
+    log_d = jnp.log(jnp.asarray(decay, jnp.float32))
+    b = jnp.exp(log_d) * jnp.expm1((n - 1) * log_d) / jnp.expm1(n * log_d)
+    avg = jax.tree.map(lambda e, p: b * e + (1 - b) * p, eqx.filter(ema, eqx.is_inexact_array),
+                       eqx.filter(model, eqx.is_inexact_array))
+    return eqx.combine(avg, eqx.filter(model, eqx.is_inexact_array, inverse=True))
+
+
 def train_teacher(run, cfg: Config, task: tasks.Task, mesh, key):
-    """The trained teacher network, or (exact) a network regressed onto the closed-form denoiser."""
+    """The trained teacher network, or (exact) a network regressed onto the closed-form denoiser, as a
+    `TeacherState` whose `.model` (the EMA when `cfg.teacher_ema > 0`) is the frozen teacher."""
     opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
     kw = dict(optimiser=opt, schedule=task.schedule)
     if cfg.teacher == "trained":
         fn = lambda st, k, x, lab: mmd.teacher_step(st, x, k, label=lab, **kw)
     else:
         fn = lambda st, k, x, lab: mmd.regression_step(st, task.exact, x, k, label=lab, **kw)
-    step = with_labels(lambda st, k, x, lab: (lambda s, l: (s, {"loss": l}))(*fn(st, k, x, lab)), task, cfg.batch,
-                       mesh, dropout=cfg.p_uncond)
-    state = parallel.replicate(mmd.init_player(task.network(jr.key(cfg.seed)), opt), mesh)
-    return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk)
+
+    def fn_ema(st: TeacherState, k, x, lab):
+        player, loss = fn(st.player, k, x, lab)
+        n = st.count + 1
+        ema = None if st.ema is None else ema_update(st.ema, player.model, cfg.teacher_ema, n)
+        return TeacherState(player, ema, n), {"loss": loss}
+
+    step = with_labels(fn_ema, task, cfg.batch, mesh, dropout=cfg.p_uncond)
+    net = task.network(jr.key(cfg.seed))
+    state = TeacherState(mmd.init_player(net, opt), net if cfg.teacher_ema > 0 else None, jnp.int32(0))
+    return run_phase(run, "teacher", parallel.replicate(state, mesh), step, cfg.teacher_steps, key, cfg.chunk)
 
 
 def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh, key):
@@ -321,7 +360,7 @@ def main(cfg: Config, run: Run):
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
 
     teacher_state, history, seconds = train_teacher(run, cfg, task, mesh, key_teacher)
-    net = teacher_state.model
+    net = teacher_state.model  # the weight average (teacher_ema > 0): the teacher and the students' start
     teacher = net if cfg.teacher == "trained" else task.exact
     if cfg.guidance > 0:  # guide the teacher only; straight-through gradients (Sec. 3.3)
         teacher = L.GuidedTeacher(teacher, scale=cfg.guidance)
@@ -330,7 +369,7 @@ def main(cfg: Config, run: Run):
     precond = None
     if "mm_instant" in cfg.methods:
         if cfg.teacher == "trained":  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the teacher
-            precond = mmd.preconditioner_from_adam(teacher_state.opt_state, eps=cfg.precond_eps)
+            precond = mmd.preconditioner_from_adam(teacher_state.player.opt_state, eps=cfg.precond_eps)
             if cfg.guidance > 0:
                 precond = L.GuidedTeacher(precond, scale=cfg.guidance)
         else:  # "calculated fresh by running a few training steps"
