@@ -33,7 +33,7 @@ TINY = dataclasses.replace(
     mm_steps=(2,), dmd2_steps=(1,), ttur=2, teacher_ks=(1,), n_samples=1000, chunk=10, teacher_ema=0.9,
 )  # teacher_ema > 0: the resume test below then covers the weight average too
 SAMPLERS = {"teacher_ancestral", "teacher_ddim", *train.METHODS}
-REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "losses.png")
+REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "losses.png", "metric_vs_nfe.png")
 METRICS = ("mmd2", "energy", "mode_precision", "mode_recall", "mode_tv", "avg_loglik")
 CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                "jax_persistent_cache_min_entry_size_bytes")
@@ -516,7 +516,7 @@ def test_report_files(run_a):
 
     md = (out / "report.md").read_text()
     assert all(n in md for n in expected) and "## Claims" in md
-    for f in ("samples.png", "losses.png"):
+    for f in ("samples.png", "losses.png", "metric_vs_nfe.png"):
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
     assert checkpoint_steps(out) == phase_steps(TINY)
     assert (out / "checkpoints" / "teacher.eqx").stat().st_size > 0

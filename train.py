@@ -390,17 +390,17 @@ def main(cfg: Config, run: Run):
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
     samples, results = {}, {}
     for name, (model, step, k) in tqdm(samplers.items(), desc="evaluate", file=sys.stdout):
-        x, label, secs = draw_samples(model, task, k_sample, cfg.n_samples, k, step)
+        x, label, secs = draw_samples(model, task, k_sample, cfg.n_samples, k, step)  # label: the same for all
         samples[name] = x
         results[name] = {"k": k, "nfe": k, "sample_seconds": secs, **task.evaluate(x, label, k_ref)}
     floor = task.floor(k_floor)
-    data_samples = np.asarray(task.draw(k_floor, cfg.n_samples)[0])
+    data_samples, data_labels = (None if a is None else np.asarray(a) for a in task.draw(k_floor, cfg.n_samples))
     main_keys = [n for n in samples if not any(a in n for a in ("_marginal_", "_posterior_", "_nogan_"))]
     run.write_npz("samples.npz", {n: samples[n] for n in main_keys})
     if len(main_keys) < len(samples):
         run.write_npz("samples_ablations.npz", {n: samples[n] for n in samples if n not in main_keys})
     R.write_all(run, cfg, task.primary, results, floor, phase_log, histories, samples, data_samples,
-                parallel.describe_batch(cfg.batch, mesh))
+                parallel.describe_batch(cfg.batch, mesh), label, data_labels)
     return results
 
 
@@ -458,7 +458,8 @@ def parse(argv=None):
         p.error(f"--out {out} exists and is not empty; pass --resume {out} to continue it or --overwrite")
     if a.overwrite and out.exists():  # a fresh run: old checkpoints would otherwise be resumed
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for f in ("report.md", "report.json", "samples.npz", "samples_ablations.npz", "samples.png", "losses.png"):
+        for f in ("report.md", "report.json", "samples.npz", "samples_ablations.npz", "samples.png", "losses.png",
+                  "metric_vs_nfe.png"):
             (out / f).unlink(missing_ok=True)
     try:
         out.mkdir(parents=True, exist_ok=True)
