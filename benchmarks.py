@@ -1,7 +1,8 @@
 """Benchmarks: sampler convergence with the exact teacher, and the cost of one update per algorithm.
 
-`python benchmarks.py sampler|steps|all [--batch B] [--width W] [--scan N] [--repeats R]` prints
-markdown tables.
+`python benchmarks.py sampler|steps|memory|all [--batch B] [--width W] [--scan N] [--repeats R]` prints
+markdown tables; `python benchmarks.py teacher-ema [--data digits] [--teacher-steps N]` trains a teacher (minutes);
+`python benchmarks.py guidance [--preset full] [--scales 0,0.5,1,2] [--out DIR]` runs `train.py` once per scale.
 
 - `sampler`: `sampler_error` (relative error of sample mean and covariance, `metrics.py`) of ancestral
   and DDIM sampling with the exact `GaussianDenoiser`, for 1 ... 512 steps, beside the Monte-Carlo
@@ -11,6 +12,9 @@ markdown tables.
   teacher training step, beside the ratio implied by counting network evaluations (`NFE`), and the
   compile time of each step. Rounds are interleaved over the algorithms and each ratio is the median
   of per-round ratios, so a background load that drifts hits numerator and denominator alike.
+- `memory`: XLA's compiled memory of one update of each algorithm for the image denoiser.
+- `teacher-ema`: the teacher of a data set's default preset with and without the average of its weights.
+- `guidance`: digits with the teacher guided at several scales; the teacher and alternating MM k = 8.
 """
 
 import argparse
@@ -235,9 +239,102 @@ def memory_table(configs=((8, 1, 64, 128), (64, 3, 64, 8))):
     return "Compiled memory of one update per device (XLA memory_analysis: arguments + outputs + temporaries)\n\n" + markdown(header, rows)
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. What the teacher's weight average buys.
+
+
+def teacher_ema_table(data="digits", steps=None, decays=(0.99, 0.995, 0.998, 0.999), eval_ks=(8, 64), seed=0, lr=None):
+    """Markdown table: the teacher of the `default` preset of `data`, trained once, sampled (ancestral) with its last
+    weights and with the EMA of each decay, all kept during the same training run (`train.ema_update`), so the rows
+    differ only in the averaging. Metrics as in `train.py` (digits: FD in classifier features and class accuracy)."""
+    import dataclasses  # noqa: PLC0415
+
+    import parallel  # noqa: PLC0415
+    import tasks  # noqa: PLC0415
+    import train  # noqa: PLC0415
+
+    presets = train.IMAGE_PRESETS if tasks.is_image_data(data) else train.PRESETS
+    over = {k: v for k, v in (("teacher_steps", steps), ("teacher_lr", lr)) if v}
+    cfg = dataclasses.replace(presets["default"], data=data, seed=seed, **over)
+    task, mesh = tasks.make_task(cfg), parallel.data_mesh()
+    opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
+
+    def fn(st, k, x, lab):
+        (player, emas, n), n1 = st, st[2] + 1
+        player, loss = mmd.teacher_step(player, x, k, optimiser=opt, schedule=task.schedule, label=lab)
+        return (player, [train.ema_update(e, player.model, d, n1) for e, d in zip(emas, decays)], n1), {"loss": loss}
+
+    step = train.with_labels(fn, task, cfg.batch, mesh, dropout=cfg.p_uncond)
+    net = task.network(jr.key(cfg.seed))
+    state = (mmd.init_player(net, opt), [net] * len(decays), jnp.int32(0))
+    advance = eqx.filter_jit(lambda st, keys: mmd.scan_steps(step, st, keys))
+    key_train, key_sample, key_ref = jr.split(jr.key(cfg.seed), 3)
+    t0 = time.perf_counter()
+    for start in range(0, cfg.teacher_steps, cfg.chunk):
+        state, _ = advance(state, jr.split(jr.fold_in(key_train, start), min(cfg.chunk, cfg.teacher_steps - start)))
+    jax.block_until_ready(state)
+    train_s = time.perf_counter() - t0
+    models = {"last weights (teacher_ema = 0)": state[0].model, **{f"EMA {d}": e for d, e in zip(decays, state[1])}}
+    wanted = ("fd", "acc") if task.primary == "fd" else ("mmd2", "mode_tv")
+    results = {(name, k): task.evaluate(*train.draw_samples(model, task, key_sample, cfg.n_samples, k, "ancestral")[:2],
+                                        key_ref) for name, model in models.items() for k in eval_ks}
+    metrics = [m for m in wanted if m in next(iter(results.values()))]
+    rows = [[name] + [f"{results[name, k][m]:.3g}" for k in eval_ks for m in metrics] for name in models]
+    header = ["teacher weights"] + [f"{m}, {k} steps" for k in eval_ks for m in metrics]
+    title = (f"Teacher weight average: {data}, {cfg.teacher_steps} teacher steps (lr {cfg.teacher_lr}, batch {cfg.batch}), "
+             f"{cfg.n_samples} samples, ancestral sampler; training took {train_s:.0f} s\n\n")
+    return title + markdown(header, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Classifier-free guidance of the teacher, and what alternating MM makes of it.
+
+
+def guidance_table(scales=(0.0, 0.5, 1.0, 2.0), preset="full", out="runs/guidance", k=8):
+    """Markdown table: FD and class accuracy of the guided teacher (its most-step ancestral sampler and 8 steps) and of
+    alternating MM at `k` steps distilled from it, for each guidance scale, on digits with `IMAGE_PRESETS[preset]`.
+
+    One `train.main` run per scale in `out/g<scale>`; the teacher (trained with label dropout, independent of the
+    scale) is trained once and its checkpoint copied into the other runs, which therefore skip that phase.
+    """
+    import dataclasses  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import train  # noqa: PLC0415
+
+    base = train.IMAGE_PRESETS[preset]
+    t_ks = sorted({8, max(base.teacher_ks)}, reverse=True)
+    rows, first = [], None
+    for g in scales:
+        cfg = dataclasses.replace(base, guidance=float(g), methods=("mm_alternating",), mm_steps=(k,), ablations=False,
+                                  teacher_ks=tuple(t_ks))
+        run_dir = Path(out) / f"g{g:g}"
+        if first is not None:  # the same teacher: its final checkpoint, so train.main skips the teacher phase
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for f in ("teacher.eqx", "teacher.npz"):
+                shutil.copy(first / "checkpoints" / f, run_dir / "checkpoints" / f)
+        t0 = time.perf_counter()
+        res = train.main(cfg, train.Run(run_dir))
+        first = first or run_dir
+        cell = lambda n: f"{res[n]['fd']:.3g} / {res[n].get('acc', float('nan')):.3f}"
+        rows.append([f"{g:g}"] + [cell(f"teacher_ancestral_k{t}") for t in t_ks] +
+                    [cell(f"mm_alternating_k{k}"), f"{time.perf_counter() - t0:.0f}"])
+    header = (["guidance scale"] + [f"teacher {t} steps: FD / acc" for t in t_ks] +
+              [f"alternating MM k = {k}: FD / acc", "run s"])
+    return f"Guidance on digits, preset {preset!r}, runs in {out}/\n\n" + markdown(header, rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=("sampler", "steps", "memory", "all"))
+    p.add_argument("name", choices=("sampler", "steps", "memory", "all", "teacher-ema", "guidance"))
+    p.add_argument("--preset", default="full", help="guidance: the digits preset (full: an accelerator run)")
+    p.add_argument("--scales", default="0,0.5,1,2", help="guidance: comma-separated guidance scales")
+    p.add_argument("--out", default="runs/guidance", help="guidance: directory of the runs")
+    p.add_argument("--data", default="digits", help="teacher-ema: the data set (its default preset)")
+    p.add_argument("--teacher-steps", type=int, help="teacher-ema: training steps (default: the preset's)")
+    p.add_argument("--teacher-lr", type=float, help="teacher-ema: learning rate (default: the preset's)")
+    p.add_argument("--seed", type=int, default=SEED, help="teacher-ema: seed of the teacher run")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--scan", type=int, default=50, help="updates per timed call")
@@ -252,6 +349,12 @@ def main(argv=None):
         print(f"{table}\n\n(steps benchmark: {time.perf_counter() - t0:.0f} s)", flush=True)
     if args.name in ("memory", "all"):
         print(memory_table(), flush=True)
+    if args.name == "teacher-ema":  # trains a teacher: minutes, not part of `all`
+        t0 = time.perf_counter()
+        print(f"{teacher_ema_table(args.data, args.teacher_steps, seed=args.seed, lr=args.teacher_lr)}\n\n(teacher-ema: {time.perf_counter() - t0:.0f} s)")
+    if args.name == "guidance":  # trains: a GPU run with the full preset
+        scales = tuple(float(g) for g in args.scales.split(","))
+        print(guidance_table(scales, args.preset, args.out), flush=True)
 
 
 if __name__ == "__main__":
