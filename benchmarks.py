@@ -1,9 +1,10 @@
 """Benchmarks: sampler convergence with the exact teacher, and the cost of one update per algorithm.
 
-`python benchmarks.py sampler|steps|all [--batch B] [--width W] [--scan N] [--repeats R]` prints
-markdown tables.
+`python benchmarks.py sampler|steps|memory|all [--batch B] [--width W] [--scan N] [--repeats R]` prints
+markdown tables; `python benchmarks.py teacher-ema [--data digits] [--teacher-steps N]` trains a teacher (minutes);
+`python benchmarks.py guidance [--preset full] [--scales 0,0.5,1,2] [--out DIR]` runs `train.py` once per scale.
 
-- `sampler`: `sampler_error` (relative error of sample mean and covariance, `test_mmd`) of ancestral
+- `sampler`: `sampler_error` (relative error of sample mean and covariance, `metrics.py`) of ancestral
   and DDIM sampling with the exact `GaussianDenoiser`, for 1 ... 512 steps, beside the Monte-Carlo
   noise floor; and the error of the recovered component weight of a two-component mixture.
 - `steps`: the steady-state time of one update of each algorithm (run `--scan` times inside
@@ -11,6 +12,9 @@ markdown tables.
   teacher training step, beside the ratio implied by counting network evaluations (`NFE`), and the
   compile time of each step. Rounds are interleaved over the algorithms and each ratio is the median
   of per-round ratios, so a background load that drifts hits numerator and denominator alike.
+- `memory`: XLA's compiled memory of one update of each algorithm for the image denoiser.
+- `teacher-ema`: the teacher of a data set's default preset with and without the average of its weights.
+- `guidance`: digits with the teacher guided at several scales; the teacher and alternating MM k = 8.
 """
 
 import argparse
@@ -23,9 +27,10 @@ import jax.random as jr
 import numpy as np
 
 import mmd
+from data import RING2, random_cov
+from metrics import component_fractions, sampler_error, sampler_noise_floor
 from models import GaussianDenoiser, MixtureDenoiser, MLPDenoiser
 from sampling import Schedule, ancestral_sample, ddim_sample
-from test_mmd import RING2, _component_fractions, random_cov, sampler_error, sampler_noise_floor
 
 SEED = 0
 NUM_STEPS = (1, 2, 4, 8, 64, 512)
@@ -71,7 +76,7 @@ def sampler_table(n=20_000, num_steps=NUM_STEPS, dims=(2, 8), seed=SEED):
 
     Gaussian rows: `sampler_error` of `n` samples from N(mu, cov), cov = `random_cov` with eigenvalues
     in [0.02, 1] (as `test_mmd.test_sampler_converges_with_exact_teacher`); floor = `sampler_noise_floor`.
-    Mixture rows (`test_mmd.RING2`): |fraction of samples with x_0 < 0 - 0.3|; floor = its binomial std error.
+    Mixture rows (`data.RING2`): |fraction of samples nearest the first mean - 0.3|; floor = its binomial std error.
     Every (data, sampler, num_steps) uses the key `fold_in(fold_in(key(seed), d), num_steps)`, d = 0 for the mixture.
     """
     key = jr.key(seed)
@@ -90,7 +95,7 @@ def sampler_table(n=20_000, num_steps=NUM_STEPS, dims=(2, 8), seed=SEED):
     floors.append(f"mixture weight: {floor:.4f}")
     for name in SAMPLERS:
         draws = [np.asarray(_draw(mix, jr.fold_in(jr.fold_in(key, 0), k), name, (n, 2), k)) for k in num_steps]
-        errs = [abs(_component_fractions(x)[0] - w) for x in draws]
+        errs = [abs(component_fractions(x, RING2["means"])[0] - w) for x in draws]
         rows.append(["mixture 0.3/0.7, weight error", name, f"{floor:.4f}"] + [f"{e:.4f}" for e in errs])
     title = f"Sampler error with the exact teacher, {n} samples (noise floor {', '.join(floors)})\n\n"
     return title + markdown(["data", "sampler", "floor"] + [f"k = {k}" for k in num_steps], rows)
@@ -234,9 +239,102 @@ def memory_table(configs=((8, 1, 64, 128), (64, 3, 64, 8))):
     return "Compiled memory of one update per device (XLA memory_analysis: arguments + outputs + temporaries)\n\n" + markdown(header, rows)
 
 
+# ----------------------------------------------------------------------------------------------
+# 4. What the teacher's weight average buys.
+
+
+def teacher_ema_table(data="digits", steps=None, decays=(0.99, 0.995, 0.998, 0.999), eval_ks=(8, 64), seed=0, lr=None):
+    """Markdown table: the teacher of the `default` preset of `data`, trained once, sampled (ancestral) with its last
+    weights and with the EMA of each decay, all kept during the same training run (`train.ema_update`), so the rows
+    differ only in the averaging. Metrics as in `train.py` (digits: FD in classifier features and class accuracy)."""
+    import dataclasses  # noqa: PLC0415
+
+    import parallel  # noqa: PLC0415
+    import tasks  # noqa: PLC0415
+    import train  # noqa: PLC0415
+
+    presets = train.IMAGE_PRESETS if tasks.is_image_data(data) else train.PRESETS
+    over = {k: v for k, v in (("teacher_steps", steps), ("teacher_lr", lr)) if v}
+    cfg = dataclasses.replace(presets["default"], data=data, seed=seed, **over)
+    task, mesh = tasks.make_task(cfg), parallel.data_mesh()
+    opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
+
+    def fn(st, k, x, lab):
+        (player, emas, n), n1 = st, st[2] + 1
+        player, loss = mmd.teacher_step(player, x, k, optimiser=opt, schedule=task.schedule, label=lab)
+        return (player, [train.ema_update(e, player.model, d, n1) for e, d in zip(emas, decays)], n1), {"loss": loss}
+
+    step = train.with_labels(fn, task, cfg.batch, mesh, dropout=cfg.p_uncond)
+    net = task.network(jr.key(cfg.seed))
+    state = (mmd.init_player(net, opt), [net] * len(decays), jnp.int32(0))
+    advance = eqx.filter_jit(lambda st, keys: mmd.scan_steps(step, st, keys))
+    key_train, key_sample, key_ref = jr.split(jr.key(cfg.seed), 3)
+    t0 = time.perf_counter()
+    for start in range(0, cfg.teacher_steps, cfg.chunk):
+        state, _ = advance(state, jr.split(jr.fold_in(key_train, start), min(cfg.chunk, cfg.teacher_steps - start)))
+    jax.block_until_ready(state)
+    train_s = time.perf_counter() - t0
+    models = {"last weights (teacher_ema = 0)": state[0].model, **{f"EMA {d}": e for d, e in zip(decays, state[1])}}
+    wanted = ("fd", "acc") if task.primary == "fd" else ("mmd2", "mode_tv")
+    results = {(name, k): task.evaluate(*train.draw_samples(model, task, key_sample, cfg.n_samples, k, "ancestral")[:2],
+                                        key_ref) for name, model in models.items() for k in eval_ks}
+    metrics = [m for m in wanted if m in next(iter(results.values()))]
+    rows = [[name] + [f"{results[name, k][m]:.3g}" for k in eval_ks for m in metrics] for name in models]
+    header = ["teacher weights"] + [f"{m}, {k} steps" for k in eval_ks for m in metrics]
+    title = (f"Teacher weight average: {data}, {cfg.teacher_steps} teacher steps (lr {cfg.teacher_lr}, batch {cfg.batch}), "
+             f"{cfg.n_samples} samples, ancestral sampler; training took {train_s:.0f} s\n\n")
+    return title + markdown(header, rows)
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Classifier-free guidance of the teacher, and what alternating MM makes of it.
+
+
+def guidance_table(scales=(0.0, 0.5, 1.0, 2.0), preset="full", out="runs/guidance", k=8):
+    """Markdown table: FD and class accuracy of the guided teacher (its most-step ancestral sampler and 8 steps) and of
+    alternating MM at `k` steps distilled from it, for each guidance scale, on digits with `IMAGE_PRESETS[preset]`.
+
+    One `train.main` run per scale in `out/g<scale>`; the teacher (trained with label dropout, independent of the
+    scale) is trained once and its checkpoint copied into the other runs, which therefore skip that phase.
+    """
+    import dataclasses  # noqa: PLC0415
+    import shutil  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
+    import train  # noqa: PLC0415
+
+    base = train.IMAGE_PRESETS[preset]
+    t_ks = sorted({8, max(base.teacher_ks)}, reverse=True)
+    rows, first = [], None
+    for g in scales:
+        cfg = dataclasses.replace(base, guidance=float(g), methods=("mm_alternating",), mm_steps=(k,), ablations=False,
+                                  teacher_ks=tuple(t_ks))
+        run_dir = Path(out) / f"g{g:g}"
+        if first is not None:  # the same teacher: its final checkpoint, so train.main skips the teacher phase
+            (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+            for f in ("teacher.eqx", "teacher.npz"):
+                shutil.copy(first / "checkpoints" / f, run_dir / "checkpoints" / f)
+        t0 = time.perf_counter()
+        res = train.main(cfg, train.Run(run_dir))
+        first = first or run_dir
+        cell = lambda n: f"{res[n]['fd']:.3g} / {res[n].get('acc', float('nan')):.3f}"
+        rows.append([f"{g:g}"] + [cell(f"teacher_ancestral_k{t}") for t in t_ks] +
+                    [cell(f"mm_alternating_k{k}"), f"{time.perf_counter() - t0:.0f}"])
+    header = (["guidance scale"] + [f"teacher {t} steps: FD / acc" for t in t_ks] +
+              [f"alternating MM k = {k}: FD / acc", "run s"])
+    return f"Guidance on digits, preset {preset!r}, runs in {out}/\n\n" + markdown(header, rows)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=("sampler", "steps", "memory", "all"))
+    p.add_argument("name", choices=("sampler", "steps", "memory", "all", "teacher-ema", "guidance"))
+    p.add_argument("--preset", default="full", help="guidance: the digits preset (full: an accelerator run)")
+    p.add_argument("--scales", default="0,0.5,1,2", help="guidance: comma-separated guidance scales")
+    p.add_argument("--out", default="runs/guidance", help="guidance: directory of the runs")
+    p.add_argument("--data", default="digits", help="teacher-ema: the data set (its default preset)")
+    p.add_argument("--teacher-steps", type=int, help="teacher-ema: training steps (default: the preset's)")
+    p.add_argument("--teacher-lr", type=float, help="teacher-ema: learning rate (default: the preset's)")
+    p.add_argument("--seed", type=int, default=SEED, help="teacher-ema: seed of the teacher run")
     p.add_argument("--batch", type=int, default=256)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--scan", type=int, default=50, help="updates per timed call")
@@ -251,6 +349,12 @@ def main(argv=None):
         print(f"{table}\n\n(steps benchmark: {time.perf_counter() - t0:.0f} s)", flush=True)
     if args.name in ("memory", "all"):
         print(memory_table(), flush=True)
+    if args.name == "teacher-ema":  # trains a teacher: minutes, not part of `all`
+        t0 = time.perf_counter()
+        print(f"{teacher_ema_table(args.data, args.teacher_steps, seed=args.seed, lr=args.teacher_lr)}\n\n(teacher-ema: {time.perf_counter() - t0:.0f} s)")
+    if args.name == "guidance":  # trains: a GPU run with the full preset
+        scales = tuple(float(g) for g in args.scales.split(","))
+        print(guidance_table(scales, args.preset, args.out), flush=True)
 
 
 if __name__ == "__main__":

@@ -90,11 +90,27 @@ def _mixture(name, weights, means, covs, schedule):
     return ToyData(name, MixtureDenoiser(weights, means, covs, schedule), weights, means, covs)
 
 
-def _random_cov(rng, d, eigenvalues):
-    """`Q diag(eigenvalues) Q^T` with a Haar-ish random rotation Q (QR of a Gaussian matrix)."""
+def _random_rotation(rng, d):
+    """A random rotation Q `(d, d)`: QR of a Gaussian matrix, signs fixed so Q is Haar (Mezzadri 2007)."""
     q, r = np.linalg.qr(rng.normal(size=(d, d)))
-    q = q * np.sign(np.diag(r))  # makes the rotation's distribution uniform (Mezzadri 2007)
+    return q * np.sign(np.diag(r))
+
+
+def _random_cov(rng, d, eigenvalues):
+    """`Q diag(eigenvalues) Q^T` with a random rotation Q."""
+    q = _random_rotation(rng, d)
     return (q * eigenvalues) @ q.T
+
+
+def random_cov(rng, d: int, lo: float = 0.05, hi: float = 2.0) -> np.ndarray:
+    """A random SPD matrix `(d, d)` with eigenvalues drawn uniformly in [lo, hi] (after the rotation)."""
+    q = _random_rotation(rng, d)
+    return (q * rng.uniform(lo, hi, d)) @ q.T
+
+
+# Two well-separated components, weights 0.3 / 0.7: a sampler that recovers the weights mixes between modes
+# (1-step sampling returns the mean, inside the heavier one). Arguments of `models.MixtureDenoiser`.
+RING2 = dict(weights=[0.3, 0.7], means=[[-2.0, 0.0], [2.0, 0.0]], covs=[np.eye(2) * 0.1] * 2)
 
 
 def ring8(schedule: Schedule = Schedule()) -> ToyData:

@@ -213,6 +213,37 @@ def evaluate_floor(data, key, n: int = 10_000, n_ref: int = 10_000) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# Moments and modes of a sampler against a known Gaussian or mixture (sampler checks and benchmarks).
+
+
+def sampler_error(x, mu, cov) -> float:
+    """Relative error of sample mean and covariance: `(|m - mu| + ||C - S||_F) / ||S||_F` for samples `x (N, D)`."""
+    m, c = np.mean(x, 0), np.cov(np.asarray(x, np.float64).T)
+    return float((np.linalg.norm(m - mu) + np.linalg.norm(c - cov)) / np.linalg.norm(cov))
+
+
+def sampler_noise_floor(cov, n: int) -> float:
+    """Standard error of `sampler_error` for `n` exact samples of N(mu, cov) (from the variance of a Wishart matrix)."""
+    cov = np.asarray(cov, np.float64)
+    var_c = (cov**2 + np.outer(np.diag(cov), np.diag(cov))) / n
+    return float((np.sqrt(np.trace(cov) / n) + np.sqrt(var_c.sum())) / np.linalg.norm(cov))
+
+
+def component_fractions(x, means) -> np.ndarray:
+    """Fraction of samples `x (N, D)` whose nearest mean (Euclidean) is each of `means (K, D)`, `(K,)`."""
+    x, means = np.asarray(x, np.float64), np.asarray(means, np.float64)
+    nearest = np.argmin(np.sum((x[:, None] - means[None]) ** 2, -1), -1)
+    return np.bincount(nearest, minlength=len(means)) / len(x)
+
+
+def mean_pairwise_distance(x, max_points: int = 2000) -> float:
+    """Mean Euclidean distance between distinct samples among the first `max_points` of `x (N, ...)`: a
+    diversity figure (a sampler that collapses onto few outputs scores low). Deterministic."""
+    x = np.asarray(x, np.float64)[:max_points]
+    return float(np.mean(pdist(x.reshape(len(x), -1))))
+
+
+# ----------------------------------------------------------------------------------------------
 # Frechet distance (Heusel et al. 2017, the FID formula; Dowson & Landau 1982).
 
 

@@ -235,6 +235,16 @@ def whitened(rng, n, d):
     return z @ np.linalg.inv(np.linalg.cholesky(np.atleast_2d(np.cov(z, rowvar=False)))).T
 
 
+def test_mean_pairwise_distance_and_component_fractions():
+    """E|X - Y| = 2 / sqrt(pi) for independent standard normals; a collapsed sampler has no diversity."""
+    x = np.random.default_rng(0).normal(size=(2000, 1))
+    se = 0.85 * np.sqrt(4 / 2000)  # ~ std of |X - Y| over sqrt of the effective sample size
+    assert abs(metrics.mean_pairwise_distance(x) - 2 / np.sqrt(np.pi)) < Z * se
+    assert metrics.mean_pairwise_distance(np.ones((50, 8, 8, 1))) == 0.0
+    frac = metrics.component_fractions(np.array([[-1.0, 0], [-3, 1], [2, 0], [0.5, 0]]), [[-2.0, 0], [2, 0]])
+    np.testing.assert_array_equal(frac, [0.5, 0.5])
+
+
 def test_frechet_closed_forms():
     rng = np.random.default_rng(0)
     z1, z2 = whitened(rng, 500, 1), whitened(rng, 700, 1)

@@ -16,6 +16,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import metrics as M
+from data import RING2, random_cov
 from models import GaussianDenoiser, MixtureDenoiser, MLPDenoiser
 from sampling import (
     Schedule,
@@ -34,12 +36,6 @@ Z = 5.0  # standard errors allowed in a Monte-Carlo check
 
 times = st.floats(0.0, 1.0, allow_nan=False)
 seeds = st.integers(0, 2**31 - 1)
-
-
-def random_cov(rng, d, lo=0.05, hi=2.0):
-    """A random SPD matrix with eigenvalues in [lo, hi]."""
-    q, _ = np.linalg.qr(rng.normal(size=(d, d)))
-    return (q * rng.uniform(lo, hi, d)) @ q.T
 
 
 # ----------------------------------------------------------------------------------------------
@@ -215,16 +211,11 @@ def _wrong_std_sampler(den, key, shape, k):
     return jax.lax.scan(body, jr.normal(key, shape), jnp.arange(k))[1][-1]
 
 
-def sampler_error(x, mu, cov):
-    """Relative error of sample mean and covariance: (|m - mu| + ||C - S||_F) / ||S||_F."""
-    m, c = np.mean(x, 0), np.cov(np.asarray(x, np.float64).T)
-    return (np.linalg.norm(m - mu) + np.linalg.norm(c - cov)) / np.linalg.norm(cov)
+sampler_error = M.sampler_error
 
 
 def sampler_noise_floor(cov, n=N_SAMPLES):
-    """Standard error of `sampler_error` for exact samples (from the variance of a Wishart matrix)."""
-    var_c = (cov**2 + np.outer(np.diag(cov), np.diag(cov))) / n
-    return (np.sqrt(np.trace(cov) / n) + np.sqrt(var_c.sum())) / np.linalg.norm(cov)
+    return M.sampler_noise_floor(cov, n)
 
 
 @functools.lru_cache(maxsize=None)
@@ -258,19 +249,12 @@ def test_sampler_check_bites_on_wrong_variance():
     assert err > Z * sampler_noise_floor(cov)
 
 
-RING2 = dict(weights=[0.3, 0.7], means=[[-2.0, 0.0], [2.0, 0.0]], covs=[np.eye(2) * 0.1] * 2)
-
-
-def _component_fractions(x):
-    return np.array([np.mean(x[:, 0] < 0), np.mean(x[:, 0] >= 0)])
-
-
 @pytest.mark.parametrize("k, recovers", [(256, True), (1, False)])
 def test_ancestral_recovers_mixture_weights(k, recovers):
     mix = MixtureDenoiser(**RING2)
     x = jax.jit(lambda key: ancestral_sample(mix, SCHED, key, (N_SAMPLES, 2), k))(jr.key(3))
     se = np.sqrt(0.3 * 0.7 / N_SAMPLES)
-    ok = np.all(np.abs(_component_fractions(np.asarray(x)) - np.array(RING2["weights"])) < Z * se)
+    ok = np.all(np.abs(M.component_fractions(np.asarray(x), RING2["means"]) - np.array(RING2["weights"])) < Z * se)
     assert ok == recovers  # k = 1 returns the overall mean, which sits in the heavier component
 
 

@@ -30,10 +30,10 @@ HERE = Path(__file__).resolve().parent
 # Small enough to train in seconds, large enough that every phase has several chunks (so a run can stop mid-phase).
 TINY = dataclasses.replace(
     train.PRESETS["smoke"], width=16, depth=1, batch=32, teacher_steps=40, mm_train_steps=30, dmd2_train_steps=20,
-    mm_steps=(2,), dmd2_steps=(1,), ttur=2, teacher_ks=(1,), n_samples=1000, chunk=10,
-)
+    mm_steps=(2,), dmd2_steps=(1,), ttur=2, teacher_ks=(1,), n_samples=1000, chunk=10, teacher_ema=0.9,
+)  # teacher_ema > 0: the resume test below then covers the weight average too
 SAMPLERS = {"teacher_ancestral", "teacher_ddim", *train.METHODS}
-REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "losses.png")
+REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "losses.png", "metric_vs_nfe.png")
 METRICS = ("mmd2", "energy", "mode_precision", "mode_recall", "mode_tv", "avg_loglik")
 CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
                "jax_persistent_cache_min_entry_size_bytes")
@@ -179,6 +179,66 @@ def test_run_phase_chunking_and_resume_do_not_change_numbers(tmp_path):
 
 # The same seed twice giving the same samples is test_resume_equals_uninterrupted (run_a against the resumed run);
 # a different seed is test_different_seed_gives_different_samples, on the CLI run below.
+
+
+# ----------------------------------------------------------------------------------------------
+# The teacher's weight average (EMA).
+
+
+def ema_closed_form(params, d):
+    """`sum_i (1 - d) d^(n-i) p_i / (1 - d^n)` over the list `params` = [p_1, ..., p_n], in float64."""
+    n = len(params)
+    w = (1 - d) * d ** (n - 1 - np.arange(n)) / (1 - d**n)
+    return np.tensordot(w, np.stack([np.asarray(p, np.float64) for p in params]), 1)
+
+
+@pytest.mark.parametrize("d", [0.5, 0.99, 0.999])
+def test_ema_update_equals_closed_form(d):
+    """After n updates the running average is the bias-corrected EMA; non-float leaves follow the model. A plain
+    EMA started from the initial weights (no bias correction) is measurably different when d^n is not negligible
+    (d >= 0.99 with n = 50): the check bites."""
+    rng = np.random.default_rng(0)
+    params = [rng.normal(size=(3, 2)).astype(np.float32) for _ in range(50)]
+    init = (jnp.full((3, 2), 3.0), jnp.int32(-1))  # the initial weights: no part of the average
+    ema, plain = init, np.full((3, 2), 3.0)
+    for n, p in enumerate(params, 1):
+        ema = train.ema_update(ema, (jnp.asarray(p), jnp.int32(n)), d, jnp.int32(n))
+        plain = d * plain + (1 - d) * p
+    want = ema_closed_form(params, d)
+    np.testing.assert_allclose(np.asarray(ema[0]), want, rtol=1e-4, atol=1e-5)
+    assert int(ema[1]) == len(params)
+    assert d < 0.9 or np.abs(plain - want).max() > 1e-2  # the wrong variant fails the same check
+    one = train.ema_update(init, (jnp.asarray(params[0]), jnp.int32(1)), d, jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(one[0]), params[0])  # n = 1: the average is p_1 exactly
+
+
+def test_teacher_phase_keeps_the_ema_of_its_weights(tmp_path):
+    """`train_teacher` with teacher_ema = d: its `.model` is the closed-form EMA of the weights after each step, the
+    optimiser state still holds exactly one Adam state (instant MM's preconditioner), and with d = 0 no average."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, teacher_steps=6, chunk=1, teacher_ema=0.7)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    seen, real_save = [], train.Run.save_phase
+
+    def spy(self, name, state, *args):
+        seen.append(eqx.filter(state.player.model, eqx.is_inexact_array))
+        return real_save(self, name, state, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.Run, "save_phase", spy)
+        state, history, _ = train.train_teacher(train.Run(tmp_path / "a"), cfg, task, mesh, jr.key(0))
+    assert len(seen) == 6 and int(state.count) == 6 and len(history["loss"]) == 6
+    got = jax.tree.leaves(eqx.filter(state.model, eqx.is_inexact_array))
+    for i, leaf in enumerate(got):
+        want = ema_closed_form([jax.tree.leaves(p)[i] for p in seen], 0.7)
+        np.testing.assert_allclose(np.asarray(leaf), want, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(np.asarray(got[-1]), np.asarray(jax.tree.leaves(seen[-1])[-1]))  # not the last weights
+    assert train.mmd.preconditioner_from_adam(state.player.opt_state) is not None
+
+    off, _, _ = train.train_teacher(train.Run(tmp_path / "b"), dataclasses.replace(cfg, teacher_ema=0.0), task, mesh,
+                                    jr.key(0))
+    assert off.ema is None and off.model is off.player.model
 
 
 # ----------------------------------------------------------------------------------------------
@@ -456,7 +516,7 @@ def test_report_files(run_a):
 
     md = (out / "report.md").read_text()
     assert all(n in md for n in expected) and "## Claims" in md
-    for f in ("samples.png", "losses.png"):
+    for f in ("samples.png", "losses.png", "metric_vs_nfe.png"):
         assert (out / f).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", f
     assert checkpoint_steps(out) == phase_steps(TINY)
     assert (out / "checkpoints" / "teacher.eqx").stat().st_size > 0
