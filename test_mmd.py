@@ -331,8 +331,9 @@ def test_bad_input_errors():
 # unchanged). For k > 1 the same Gaussian parameter space gives the same number of moments for k times
 # as many student parameters, so the fixed point is not unique and need not be the data (README,
 # "closed-form testbed", measured). The error is deterministic (exact moments), so its tolerance is
-# not a standard error: TB_TOL is ~3x the largest error over 12 seeds and d in 1..4 in this code, and
-# the flipped-sign variants end far above it (test_testbed_bites_on_flipped_sign).
+# not a standard error: it is set from measured runs (largest error over d = 1..4, three seeds each:
+# alternating 0.12, instant 0.11, DMD2 0.10 at 2,000 updates; README), and the flipped-sign variants
+# end far above it (test_testbed_bites_on_flipped_sign).
 
 from hypothesis import settings  # noqa: E402
 
@@ -340,7 +341,7 @@ import losses as L  # noqa: E402
 import mmd  # noqa: E402
 from models import AffineStepDenoiser  # noqa: E402
 
-TB_STEPS, TB_BATCH, TB_TOL = 1000, 256, 0.15
+TB_STEPS, TB_BATCH, TB_TOL = 2000, 256, 0.25
 TB_EXAMPLES = 2 if settings.default.max_examples <= 6 else 20
 
 
