@@ -113,6 +113,7 @@ class DMD2Config:
     backward_sim: bool = True  # multi-step: train on the generator's own earlier steps
     gan_gen_weight: float = 3e-3
     gan_disc_weight: float = 1e-2
+    per_step_critic: bool = False  # k > 1: one fake score (+ head) per generator step, one step per batch
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
@@ -309,18 +310,43 @@ def init_dmd2(teacher, head_key, optimiser, cfg: DMD2Config, feat_dim, student=N
     """Generator and fake score start from the teacher (the generator from `student` if given); the GAN head is new."""
     head = DiscriminatorHead(feat_dim, key=head_key) if cfg.gan else None
     gen = teacher if student is None else student
-    return DMD2State(init_player(gen, optimiser), init_player(Critic(teacher, head), optimiser))
+    critic = Critic(teacher, head)
+    if cfg.per_step_critic and cfg.k > 1:
+        critic = stack_copies(critic, cfg.k)
+    return DMD2State(init_player(gen, optimiser), init_player(critic, optimiser))
 
 
-def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None):
-    """The input of the generator step being trained, on the grid t_j = 1 - j/k, j ~ U{0..k-1} per example.
+def stack_copies(tree, k):
+    """`k` copies of `tree`'s arrays stacked on a new leading axis (a per-step critic)."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(jax.tree.map(lambda a: jnp.stack([a] * k), arrays), static)
+
+
+def select_copy(tree, j):
+    """Copy `j` (a traced int) of a `stack_copies` tree; gradients flow back into that copy only."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(jax.tree.map(lambda a: a[j], arrays), static)
+
+
+def step_critic(critic: Critic, key, cfg: DMD2Config):
+    """`(j, critic)`: with `cfg.per_step_critic`, one generator step j ~ U{0..k-1} for the whole batch and its
+    own critic; otherwise `(None, critic)` (j drawn per example, one critic for the mixture of all steps)."""
+    if not (cfg.per_step_critic and cfg.k > 1):
+        return None, critic
+    j = jr.randint(jr.fold_in(key, 1), (), 0, cfg.k)
+    return j, select_copy(critic, j)
+
+
+def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None, j=None):
+    """The input of the generator step being trained, on the grid t_j = 1 - j/k, j ~ U{0..k-1} per example
+    (or the given step `j` for every example).
 
     Backward simulation (DMD2 Sec. 4.5): run the generator itself, without gradient, from pure noise
     through steps 0..j-1 with marginal re-noising. Without it: forward-diffuse real data to t_j.
     """
     b, k = x_real.shape[0], cfg.k
     kj, kz, ks = jr.split(key, 3)
-    j = jr.randint(kj, (b,), 0, k)
+    j = jr.randint(kj, (b,), 0, k) if j is None else jnp.full((b,), j)
     t_j = 1.0 - j / k
     if not cfg.backward_sim:
         return diffuse(schedule, x_real, t_j, jr.normal(kz, x_real.shape)), t_j
@@ -338,7 +364,8 @@ def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config,
 def critic_loss(critic: Critic, generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None):
     """Fake-score diffusion loss on stop-gradient generator samples (+ weighted discriminator loss)."""
     k_in, k_t, k_n, k_g = jr.split(key, 4)
-    z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label)
+    j, critic = step_critic(critic, k_in, cfg)
+    z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label, j)
     x_fake = sg(L.apply(generator, z, t_j, label))
     t = karras_grid_time(schedule, k_t, (x_real.shape[0],))
     fake_loss = L.diffusion_loss(critic.fake, schedule, x_fake, t, jr.normal(k_n, x_fake.shape), "edm", label)
@@ -353,7 +380,8 @@ def critic_loss(critic: Critic, generator, schedule: Schedule, x_real, key, cfg:
 def dmd2_generator_loss(generator, critic: Critic, real, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None):
     """Distribution matching (+ weighted non-saturating GAN) loss of the generator."""
     k_in, k_t, k_n, k_g = jr.split(key, 4)
-    z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label)
+    j, critic = step_critic(critic, k_in, cfg)
+    z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label, j)
     x = L.apply(generator, z, t_j, label)
     b = x.shape[0]
     dm = L.dmd_loss(x, real, critic.fake, schedule, karras_grid_time(schedule, k_t, (b,)), jr.normal(k_n, x.shape), label)

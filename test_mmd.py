@@ -332,7 +332,7 @@ def test_bad_input_errors():
 # as many student parameters, so the fixed point is not unique and need not be the data (README,
 # "closed-form testbed", measured). The error is deterministic (exact moments), so its tolerance is
 # not a standard error: it is set from measured runs (largest error over d = 1..4, three seeds each:
-# alternating 0.12, instant 0.11, DMD2 0.10 at 2,000 updates; README), and the flipped-sign variants
+# alternating 0.12, instant 0.09, DMD2 0.10 at 2,000 updates; README), and the flipped-sign variants
 # end far above it (test_testbed_bites_on_flipped_sign).
 
 from hypothesis import settings  # noqa: E402

@@ -53,6 +53,7 @@ class Config:
     ttur: int = 5  # DMD2 critic updates per generator update
     gan: bool = True
     backward_sim: bool = True
+    per_step_critic: bool = False  # DMD2, k > 1: a fake score per generator step (see README, DMD2 with several steps)
     ablations: bool = False  # also run the marginal-z_s and no-GAN variants (claims table)
     batch: int = 256
     width: int = 128
@@ -434,7 +435,8 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
     c = dataclasses.replace(cfg, **overrides)
     b, sched = cfg.batch, task.schedule
     if method == "dmd2":
-        dcfg = mmd.DMD2Config(k=k, ttur=c.ttur, gan=c.gan, backward_sim=c.backward_sim)
+        dcfg = mmd.DMD2Config(k=k, ttur=c.ttur, gan=c.gan, backward_sim=c.backward_sim,
+                              per_step_critic=c.per_step_critic)
         opt = mmd.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5))
         state = mmd.init_dmd2(net, jr.key(cfg.seed + 1), opt, dcfg, task.feat_dim)
         step = with_labels(lambda st, kk, x, lab: mmd.dmd2_step(
