@@ -490,6 +490,9 @@ def data_moment(cfg: Config, task: tasks.Task, teacher, weighting):
     draws = [task.draw(jr.fold_in(kx, i), cfg.batch) for i in range(cfg.data_grad_batches)]
     xs = jnp.stack([x for x, _ in draws])
     labels = None if draws[0][1] is None else jnp.stack([lab for _, lab in draws])
+    # on one device from host copies: a teacher replicated over the mesh (fresh) and one loaded from its
+    # checkpoint (resumed) would otherwise compile to different reductions and differ in the last bit
+    teacher = jax.device_get(teacher)
     return eqx.filter_jit(mmd.data_moment)(teacher, task.schedule, xs, kg, weighting=weighting, labels=labels)
 
 
