@@ -140,6 +140,20 @@ def targets(results, floor, m="mmd2"):
     if d and t_ref:
         rows.append((f"DMD2 k=1 {m} within 2x of teacher {t_many}-step", f"{m} {d[m]:.3g} ({d1}) vs 2 x {t_ref[m]:.3g} ({ref})",
                      d[m] <= 2 * t_ref[m]))
+    ins, d4 = results.get("mm_instant_k8"), results.get("dmd2_k4")
+    if ins and alt:  # the instant-MM issue's targets
+        rows.append((f"instant k=8 {m} <= 1.5x alternating k=8", f"{m} {ins[m]:.3g} (mm_instant_k8) vs 1.5 x {alt[m]:.3g} ({al})",
+                     ins[m] <= 1.5 * alt[m]))
+    if ins and t8 and m == "mmd2":
+        rows.append((f"instant k=8 {m} <= 1/3 of teacher 8-step {m}", f"{m} {ins[m]:.3g} (mm_instant_k8) vs {t8[m]:.3g} / 3 ({a8})",
+                     ins[m] <= t8[m] / 3))
+    if d and d4:  # the multi-step DMD2 issue's targets
+        rows.append((f"DMD2 k=4 {m} <= DMD2 k=1 {m}", _cmp(results, m, "dmd2_k4", d1), d4[m] <= d[m]))
+    if d and t8 and m == "mmd2":
+        rows.append((f"DMD2 k=1 {m} <= teacher 8-step {m}", _cmp(results, m, d1, a8), d[m] <= t8[m]))
+    if d and "mode_precision" in d:
+        off = 1.0 - d["mode_precision"]
+        rows.append(("DMD2 k=1 off-mode fraction <= 3%", f"{off:.1%} of samples off every mode ({d1})", off <= 0.03))
     for n, r in results.items():
         if m == "mmd2" and not n.startswith("teacher") and r["k"] >= 4:
             rows.append((f"{n} MMD^2 within 2x of the noise floor (meaningful with --teacher exact)",

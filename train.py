@@ -66,7 +66,7 @@ class Config:
     instant_lr: float = 3e-4
     precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
     instant_eq10: bool = True  # subtract the teacher's expected gradient on real data from nu (Eq. 10)
-    nu_decay: float = 0.99  # EMA of Algorithm 3's nu over updates (0: one batch, as printed)
+    nu_decay: float = 0.97  # EMA of Algorithm 3's nu over updates (0: one batch, as printed)
     data_grad_batches: int = 100  # real batches averaged for Eq. 10's data term
     dmd2_train_steps: int = 1000
     dmd2_lr: float = 3e-4
