@@ -265,13 +265,12 @@ class InstantState(eqx.Module):
     """Algorithm 3's student and the running average of nu (used when `MMConfig.nu_decay > 0`)."""
 
     student: Player
-    nu: eqx.Module  # EMA of nu, a tree like the preconditioner (zeros at the start)
-    count: jax.Array  # updates so far (bias correction of the EMA)
+    nu: optax.EmaState  # bias-corrected EMA of nu, a tree like the preconditioner
 
 
 def init_instant(student, optimiser, precond) -> InstantState:
     """The student starts from the teacher (pass the teacher network)."""
-    return InstantState(init_player(student, optimiser), jax.tree.map(jnp.zeros_like, precond), jnp.zeros((), jnp.int32))
+    return InstantState(init_player(student, optimiser), optax.ema(0.0).init(precond))
 
 
 @eqx.filter_jit
@@ -292,14 +291,12 @@ def instant_step(state: InstantState, teacher, precond, x, x_prime, key, *, cfg:
     batch_prime = L.noised_batch(schedule, x_prime, k2, cfg.k, label_prime, cfg.time_grid)
     student = state.student
     nu = L.instant_nu(student.model, teacher, precond, schedule, batch_prime, cfg.weighting, cfg.zs_sampling, data_grad)
-    d, count = cfg.nu_decay, state.count + 1
-    nu_avg = jax.tree.map(lambda a, v: d * a + (1.0 - d) * v, state.nu, nu)
-    tangent = jax.tree.map(lambda a: a / (1.0 - d**count), nu_avg) if d > 0 else nu
+    tangent, nu_state = optax.ema(cfg.nu_decay, debias=True).update(nu, state.nu)  # decay 0: tangent = nu
     (_, monitor), grads = eqx.filter_value_and_grad(L.instant_loss, has_aux=True)(
         student.model, teacher, precond, schedule, batch, batch_prime, cfg.weighting, cfg.zs_sampling,
         data_grad=data_grad, nu=tangent
     )
-    return InstantState(_apply_grads(student, grads, optimiser), nu_avg, count), {"instant_loss": monitor}
+    return InstantState(_apply_grads(student, grads, optimiser), nu_state), {"instant_loss": monitor}
 
 
 # ----------------------------------------------------------------------------------------------
