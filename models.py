@@ -14,7 +14,7 @@ import jax.random as jr
 import jax.scipy.linalg as jsl
 import numpy as np
 
-from sampling import Schedule
+from sampling import Schedule, posterior
 
 
 # ----------------------------------------------------------------------------------------------
@@ -160,8 +160,6 @@ class AffineStepDenoiser(eqx.Module):
 
         z_1 ~ N(0, I); each step `z_s = c_z z_t + c_x (A_i z_t + b_i) + std eps` is affine with Gaussian noise.
         """
-        from sampling import posterior  # noqa: PLC0415
-
         k, d = self.b.shape
         m, p = jnp.zeros(d), jnp.eye(d)
         for i in range(k - 1):

@@ -381,6 +381,22 @@ def _testbed(algorithm, d, seed):
     return moment_error(*model.output_moments(SCHED), mu, s), moment_error(*student.output_moments(SCHED), mu, s)
 
 
+@pytest.mark.parametrize("k", [1, 3])
+def test_affine_student_output_moments_match_its_samples(k):
+    """`output_moments` (the testbed's exact answer) equals the moments of `ancestral_sample` of the same student,
+    within Z standard errors; dropping one step's noise (a wrong variance) fails the same check."""
+    rng = np.random.default_rng(k)
+    mu, s = 0.5 * rng.normal(size=2), random_cov(rng, 2, 0.05, 1.0)
+    student = AffineStepDenoiser.from_gaussian(GaussianDenoiser(mu, s), k)
+    x = np.asarray(ancestral_sample(student, SCHED, jr.key(k), (N_SAMPLES, 2), k), np.float64)
+    m, c = (np.asarray(a, np.float64) for a in student.output_moments(SCHED))
+    floor = sampler_noise_floor(c)
+    assert sampler_error(x, m, c) < Z * floor
+    if k > 1:  # the same check on the deterministic (DDIM) chain of the same maps: no re-noising, other moments
+        y = np.asarray(ddim_sample(student, SCHED, jr.key(k), (N_SAMPLES, 2), k), np.float64)
+        assert sampler_error(y, m, c) > Z * floor
+
+
 @pytest.mark.parametrize("algorithm", ["alternating", "instant", "dmd2"])
 @settings(max_examples=TB_EXAMPLES)
 @given(d=st.integers(1, 4), seed=st.integers(0, 2**16))
