@@ -24,13 +24,17 @@ import parallel
 import train
 from ablation_instant import evaluate, setup
 
-BOOLS = ("per_step_critic", "backward_sim", "gan")
+BOOLS = ("per_step_critic", "backward_sim", "gan", "dmd2_lr_decay")
+FLOATS = ("dmd2_lr", "gan_gen_weight")
 
 
 def main(variant, seeds):
     over = {}
-    for name, val in re.findall(r"(?:^|_)([a-z][a-z0-9_]*?)=(\d+)", variant):
-        over[name] = bool(int(val)) if name in BOOLS else int(val)
+    for name, val in re.findall(r"(?:^|_)([a-z][a-z0-9_]*?)=([0-9.:e-]+)", variant):
+        if name == "times":  # times=1:0.89:0.74:0.49
+            over["dmd2_times"] = (tuple(float(v) for v in val.split(":")),)
+        else:
+            over[name] = bool(int(val)) if name in BOOLS else float(val) if name in FLOATS else int(val)
     k = over.pop("k", 1)
     for seed in seeds:
         cfg, task, state, kd, ke = setup(seed)
@@ -41,7 +45,7 @@ def main(variant, seeds):
         t0 = time.time()
         st = eqx.filter_jit(lambda s0: train.mmd.scan_steps(lambda s, i: step(s, jr.fold_in(key, i)), s0,
                                                             jnp.arange(num)))(st)[0]
-        res = evaluate(st.generator.model, task, ke, k, step="marginal")
+        res = evaluate(st.generator.model, task, ke, k, step="marginal", times=train.dmd2_times(cfg, k))
         res.update(off_mode=1.0 - res.pop("prec"), secs=time.time() - t0)
         print(variant, seed, json.dumps(res), flush=True)
 

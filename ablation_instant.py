@@ -41,9 +41,9 @@ def setup(seed):
     return cfg, task, state, key_distil, key_eval
 
 
-def evaluate(model, task, key_eval, k, n=10_000, step="ancestral"):
+def evaluate(model, task, key_eval, k, n=10_000, step="ancestral", times=None):
     k_sample, k_ref, _ = jr.split(key_eval, 3)
-    x = np.asarray(sample(model, task.schedule, k_sample, (n, *task.shape), k, step))
+    x = np.asarray(sample(model, task.schedule, k_sample, (n, *task.shape), k, step, times=times))
     r = M.evaluate(x, task.toy, k_ref, n)
     return {"mmd2": r["mmd2"], "mode_tv": r["mode_tv"], "prec": r["mode_precision"]}
 

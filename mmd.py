@@ -17,7 +17,7 @@ import optax
 
 import losses as L
 from models import DiscriminatorHead
-from sampling import Schedule, bcast, diffuse, edm_train_time, karras_grid_time
+from sampling import Schedule, bcast, check_step_times, diffuse, edm_train_time, karras_grid_time, uniform_times
 
 sg = jax.lax.stop_gradient
 
@@ -35,9 +35,16 @@ def mm_optimiser(lr=1e-4, total_steps=200_000, warmup=1000, clip=1.0):
     return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=0.0, b2=0.99, eps=1e-12))
 
 
-def dmd2_optimiser(lr=2e-6, warmup=500, clip=10.0, weight_decay=0.01):
-    """DMD2 (official ImageNet-64 config): AdamW(0.9, 0.999), weight decay 0.01, 500 warm-up steps, clip 10."""
-    sched = optax.warmup_constant_schedule(0.0, lr, warmup)
+def dmd2_optimiser(lr=2e-6, warmup=500, clip=10.0, weight_decay=0.01, decay_steps=None):
+    """DMD2 (official ImageNet-64 config): AdamW(0.9, 0.999), weight decay 0.01, 500 warm-up steps, clip 10.
+
+    `decay_steps`: None keeps the learning rate constant after the warm-up (official); an int decays it along
+    a cosine to 0 at that update (our choice for the generator of short toy runs: see the README's DMD2 table).
+    """
+    if decay_steps is None:
+        sched = optax.warmup_constant_schedule(0.0, lr, warmup)
+    else:
+        sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(decay_steps, warmup + 1))
     return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=0.999, weight_decay=weight_decay))
 
 
@@ -114,10 +121,17 @@ class DMD2Config:
     gan_gen_weight: float = 3e-3
     gan_disc_weight: float = 1e-2
     per_step_critic: bool = False  # k > 1: one fake score (+ head) per generator step, one step per batch
+    times: Optional[tuple] = None  # the k input times of the generator's steps (None: uniform, 1 - j/k)
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k (generator steps) must be an integer >= 1; got {self.k!r}")
+        if self.times is not None:
+            check_step_times(self.times, self.k)
+
+    def step_times(self):
+        """`(k,)` input times of the generator's steps; the step after the last re-noises to t = 0 (is the sample)."""
+        return uniform_times(self.k) if self.times is None else jnp.asarray(self.times, jnp.float32)
         if not isinstance(self.ttur, int) or self.ttur < 1:
             raise ValueError(f"ttur (critic updates per generator update) must be an integer >= 1; got {self.ttur!r}")
 
@@ -303,14 +317,21 @@ def instant_step(state: InstantState, teacher, precond, x, x_prime, key, *, cfg:
 # DMD2.
 
 
+def _per_player(optimiser):
+    """`(generator's, critic's)` optimiser from one optimiser or a pair (an optax transform is itself a tuple)."""
+    return (optimiser, optimiser) if isinstance(optimiser, optax.GradientTransformation) else tuple(optimiser)
+
+
 def init_dmd2(teacher, head_key, optimiser, cfg: DMD2Config, feat_dim, student=None) -> DMD2State:
-    """Generator and fake score start from the teacher (the generator from `student` if given); the GAN head is new."""
+    """Generator and fake score start from the teacher (the generator from `student` if given); the GAN head is new.
+    `optimiser`: one for both players, or a pair `(generator's, critic's)` (as `dmd2_step` takes it)."""
+    gen_opt, critic_opt = _per_player(optimiser)
     head = DiscriminatorHead(feat_dim, key=head_key) if cfg.gan else None
     gen = teacher if student is None else student
     critic = Critic(teacher, head)
     if cfg.per_step_critic and cfg.k > 1:
         critic = stack_copies(critic, cfg.k)
-    return DMD2State(init_player(gen, optimiser), init_player(critic, optimiser))
+    return DMD2State(init_player(gen, gen_opt), init_player(critic, critic_opt))
 
 
 def stack_copies(tree, k):
@@ -344,14 +365,20 @@ def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config,
     b, k = x_real.shape[0], cfg.k
     kj, kz, ks = jr.split(key, 3)
     j = jr.randint(kj, (b,), 0, k) if j is None else jnp.full((b,), j)
-    t_j = 1.0 - j / k
+    if cfg.times is None:  # the uniform grid, computed as t = 1 - i/k (its float rounding is that of the README's runs)
+        time_of, next_of = (lambda i: 1.0 - i / k), (lambda i: 1.0 - i / k - 1.0 / k)
+    else:
+        times = jnp.asarray(cfg.times, jnp.float32)
+        nexts = jnp.append(times[1:], 0.0)
+        time_of, next_of = (lambda i: times[i]), (lambda i: nexts[i])
+    t_j = time_of(j)
     if not cfg.backward_sim:
         return diffuse(schedule, x_real, t_j, jr.normal(kz, x_real.shape)), t_j
 
     def body(z, i):
-        t = jnp.full((b,), 1.0 - i / k)
+        t = jnp.full((b,), time_of(i))
         x_hat = L.apply(generator, z, t, label)
-        z_next = diffuse(schedule, x_hat, t - 1.0 / k, jr.normal(jr.fold_in(ks, i), z.shape))
+        z_next = diffuse(schedule, x_hat, jnp.full((b,), next_of(i)), jr.normal(jr.fold_in(ks, i), z.shape))
         return jnp.where(bcast(i < j, z), z_next, z), None
 
     z, _ = jax.lax.scan(body, jr.normal(kz, x_real.shape), jnp.arange(k - 1))
@@ -393,26 +420,27 @@ def dmd2_generator_loss(generator, critic: Critic, real, schedule: Schedule, x_r
 def dmd2_step(state: DMD2State, real, x_real, key, *, cfg: DMD2Config, optimiser, schedule: Schedule, label=None):
     """`cfg.ttur` critic updates (fake score + discriminator) then one generator update.
 
-    `real` is the teacher (optionally a `losses.GuidedTeacher`); `x_real` is `(ttur, B, *data)`, one
+    `optimiser`: one for both players or a pair `(generator's, critic's)`. `real` is the teacher (optionally a `losses.GuidedTeacher`); `x_real` is `(ttur, B, *data)`, one
     real batch per critic update (the generator's GAN term needs none; without backward simulation
     it noises `x_real[0]`), `label` None or `(ttur, B)`: the class of each real example, which the
     generator is also asked for. Returns `(state, {"fake_loss", "disc_loss", "dm_loss", "gan_loss"})`.
     """
     k_c, k_g = jr.split(key)
     gen = state.generator
+    gen_opt, critic_opt = _per_player(optimiser)
 
     def critic_update(critic: Player, inp):
         x, lab, k = inp
         (_, (fake_loss, disc)), grads = eqx.filter_value_and_grad(critic_loss, has_aux=True)(
             critic.model, gen.model, schedule, x, k, cfg, lab
         )
-        return _apply_grads(critic, grads, optimiser), (fake_loss, disc)
+        return _apply_grads(critic, grads, critic_opt), (fake_loss, disc)
 
     critic, (fake_losses, discs) = scan_steps(critic_update, state.critic, (x_real, label, jr.split(k_c, cfg.ttur)))
     (_, (dm, gan)), grads = eqx.filter_value_and_grad(dmd2_generator_loss, has_aux=True)(
         gen.model, critic.model, real, schedule, x_real[0], k_g, cfg, None if label is None else label[0]
     )
-    gen = _apply_grads(gen, grads, optimiser)
+    gen = _apply_grads(gen, grads, gen_opt)
     metrics = {"fake_loss": fake_losses[-1], "disc_loss": discs[-1], "dm_loss": dm, "gan_loss": gan}
     return DMD2State(gen, critic), metrics
 

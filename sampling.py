@@ -159,8 +159,24 @@ def marginal_step(schedule, z_t, x_hat, t, s, key):
 STEPS = {"ancestral": ancestral_step, "ddim": ddim_step, "marginal": marginal_step}
 
 
-def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, step: str = "ancestral", label=None):
-    """Sample on the uniform grid t = 1, (k-1)/k, ..., 1/k as one `lax.scan` (Algorithm 1).
+def uniform_times(num_steps: int):
+    """Algorithm 1's grid: the input times `1, (k-1)/k, ..., 1/k` of a k-step sampler, `(k,)`."""
+    check_num_steps(num_steps)
+    return 1.0 - jnp.arange(num_steps) / num_steps
+
+
+def check_step_times(times, num_steps):
+    """Raise `ValueError` unless `times` is `(num_steps,)`, strictly decreasing, in (0, 1] (concrete values only)."""
+    a = np.asarray(times, np.float64) if _concrete(times) else None
+    if jnp.shape(times) != (num_steps,):
+        raise ValueError(f"need {num_steps} step times (one per step); got step times of shape {jnp.shape(times)}")
+    if a is not None and not (np.all(a > 0) and np.all(a <= 1) and np.all(np.diff(a) < 0)):
+        raise ValueError(f"step times must be strictly decreasing in (0, 1]; got {a.tolist()}")
+
+
+def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, step: str = "ancestral", label=None,
+           times=None):
+    """Sample on the uniform grid t = 1, (k-1)/k, ..., 1/k (or on `times`) as one `lax.scan` (Algorithm 1).
 
     **Arguments:**
     - `denoiser`: unbatched `denoiser(z, t) -> x_hat`; it is `vmap`ped over the leading axis.
@@ -169,10 +185,20 @@ def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, s
     - `num_steps`: k >= 1, a Python int.
     - `step`: `"ancestral"` (posterior re-noising), `"ddim"` or `"marginal"`.
     - `label`: None, or `(n,)` classes for a conditional `denoiser(z, t, label)`.
+    - `times`: None (the uniform grid), or the `(num_steps,)` decreasing input times of the steps; the step
+      after the last goes to t = 0 (e.g. a DMD2 generator's own grid, `mmd.DMD2Config.times`).
 
     **Returns:** the last `x_hat`, shaped `shape`.
     """
     check_num_steps(num_steps)
+    if times is None:  # the uniform grid, computed from i as always (same float rounding as before `times`)
+        time_of = lambda i: 1.0 - i / num_steps
+        next_of = lambda i: jnp.maximum(1.0 - i / num_steps - 1.0 / num_steps, 0.0)
+    else:
+        check_step_times(times, num_steps)
+        times = jnp.asarray(times, jnp.float32)
+        nexts = jnp.append(times[1:], 0.0)
+        time_of, next_of = (lambda i: times[i]), (lambda i: nexts[i])
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; choose one of {sorted(STEPS)}")
     step_fn = STEPS[step]
@@ -183,8 +209,7 @@ def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, s
     z1 = jr.normal(jr.fold_in(key, num_steps), shape)
 
     def body(z_t, i):
-        t = 1.0 - i / num_steps
-        s = jnp.maximum(t - 1.0 / num_steps, 0.0)
+        t, s = time_of(i), next_of(i)
         x_hat = batched(z_t, t)
         return step_fn(schedule, z_t, x_hat, t, s, jr.fold_in(key, i)), x_hat
 

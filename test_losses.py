@@ -528,3 +528,79 @@ def test_per_step_critic_trains_only_the_drawn_copy():
     changed = [any(bool(jnp.any(a[i] != b[i])) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
                for i in range(cfg.k)]
     assert sum(changed) == 1, changed
+
+
+
+N_GI, TIMES4 = 20_000, (1.0, 0.9, 0.7, 0.45)
+
+
+def _backsim_inputs(times):
+    """DMD2 backward-simulation inputs `z` and their steps' times for a generator that always outputs `c`."""
+    c = jnp.array([3.0, -2.0])
+    gen = lambda z, t: c + 0.0 * z
+    z, t_j = mmd.generator_input(gen, SCHED, jnp.zeros((N_GI, 2)), jr.key(0), mmd.DMD2Config(k=4, times=times))
+    return c, np.asarray(z), np.asarray(t_j)
+
+
+def _standardised_max_z(c, z, t_j, times):
+    """Largest |z-score| of the mean and variance of `(z - alpha c) / sigma` per step, alpha, sigma at `times[j]`."""
+    worst = 0.0
+    for j, t in enumerate(times):
+        sel = np.isclose(t_j, t)
+        alpha, sigma = (float(a) for a in SCHED.alpha_sigma(jnp.float32(t)))
+        u = (z[sel] - alpha * np.asarray(c)) / sigma
+        n = len(u)
+        worst = max(worst, np.abs(u.mean(0)).max() * np.sqrt(n), np.abs(u.var(0) - 1).max() / np.sqrt(2 / n))
+    return worst
+
+
+def test_backward_simulation_renoises_to_the_given_step_times():
+    """`DMD2Config.times`: step j's input is `alpha_tj c + sigma_tj eps` for a generator that outputs c, with t_j
+    the j-th given time (mean and variance of the standardised input within Z standard errors of 0 and 1, per step),
+    each step drawn about 1/k of the time; the same check with the uniform grid's inputs fails."""
+    c, z, t_j = _backsim_inputs(TIMES4)
+    assert np.all(np.isclose(t_j[:, None], np.asarray(TIMES4)).any(1))
+    counts = np.array([np.isclose(t_j, t).sum() for t in TIMES4])
+    assert np.all(np.abs(counts / N_GI - 0.25) < Z * np.sqrt(0.25 * 0.75 / N_GI)), counts
+    assert _standardised_max_z(c, z, t_j, TIMES4) < Z
+    c, z_uniform, t_uniform = _backsim_inputs(None)
+    step = np.round((1 - t_uniform) * 4).astype(int)  # j of each example on the uniform grid
+    assert _standardised_max_z(c, z_uniform, np.asarray(TIMES4)[step], TIMES4) > Z
+
+
+def test_sampler_runs_on_the_given_step_times():
+    """`sample(..., times=...)`: the uniform grid given explicitly matches the default; the returned x_hat is the
+    last step's (a denoiser that outputs its time returns times[-1]); bad grids are refused, naming them."""
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    for step in ("ancestral", "marginal"):
+        a = sample(net, SCHED, jr.key(1), (64, 2), 4, step)
+        b = sample(net, SCHED, jr.key(1), (64, 2), 4, step, times=(1.0, 0.75, 0.5, 0.25))
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    out = sample(lambda z, t: z * 0 + t, SCHED, jr.key(1), (8, 2), 3, "marginal", times=(1.0, 0.6, 0.35))
+    np.testing.assert_allclose(out, 0.35, rtol=1e-6)
+    for bad in ((1.0, 0.5), (1.0, 0.5, 0.7), (1.2, 0.5, 0.2), (1.0, 0.5, 0.0)):
+        with pytest.raises(ValueError, match="step times"):
+            sample(net, SCHED, jr.key(1), (8, 2), 3, "marginal", times=bad)
+        with pytest.raises(ValueError, match="step times"):
+            mmd.DMD2Config(k=3, times=bad)
+
+
+def test_dmd2_step_takes_one_optimiser_per_player():
+    """`optimiser=(generator's, critic's)`: a zero learning rate for the generator leaves it unchanged while the
+    critic trains, and the reverse; `mmd.dmd2_optimiser(decay_steps=n)` reaches learning rate 0 at update n."""
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    cfg, x = mmd.DMD2Config(k=2, ttur=1), _data(jr.key(2), 32)[None]
+    for frozen in ("generator", "critic"):
+        opts = (optax.sgd(0.0), optax.sgd(1e-2)) if frozen == "generator" else (optax.sgd(1e-2), optax.sgd(0.0))
+        state = mmd.init_dmd2(net, jr.key(1), opts, cfg, 16)
+        new, _ = mmd.dmd2_step(state, net, x, jr.key(3), cfg=cfg, optimiser=opts, schedule=SCHED)
+        for player in ("generator", "critic"):
+            a, b = (jax.tree.leaves(eqx.filter(getattr(s, player).model, eqx.is_array)) for s in (state, new))
+            same = all(bool(jnp.all(u == v)) for u, v in zip(a, b))
+            assert same == (player == frozen), (frozen, player)
+    for decay_steps, stopped in ((5, True), (None, False)):
+        opt, params = mmd.dmd2_optimiser(1e-2, warmup=2, decay_steps=decay_steps), jnp.ones(3)
+        state = opt.init(params)
+        for _ in range(6):  # updates 0..5; the last one runs at schedule count 5
+            upd, state = opt.update(jnp.ones(3), state, params)
+        assert bool(jnp.all(upd == 0)) == stopped, (decay_steps, upd)

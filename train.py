@@ -32,6 +32,7 @@ import losses as L
 import mmd
 import parallel
 import tasks
+import sampling
 from sampling import sample
 
 METHODS = ("mm_alternating", "mm_instant", "dmd2")
@@ -54,6 +55,7 @@ class Config:
     gan: bool = True
     backward_sim: bool = True
     per_step_critic: bool = False  # DMD2, k > 1: a fake score per generator step (see README, DMD2 with several steps)
+    dmd2_times: Optional[tuple] = None  # DMD2: input times of the generator's steps, one tuple per k (None: uniform)
     ablations: bool = False  # also run the marginal-z_s and no-GAN variants (claims table)
     batch: int = 256
     width: int = 128
@@ -70,6 +72,8 @@ class Config:
     data_grad_batches: int = 100  # real batches averaged for Eq. 10's data term
     dmd2_train_steps: int = 1000
     dmd2_lr: float = 3e-4
+    dmd2_lr_decay: bool = False  # the generator's learning rate decays along a cosine to 0 (the critic's stays)
+    gan_gen_weight: float = 3e-3  # DMD2: weight of the generator's GAN loss (official ImageNet-64: 3e-3)
     teacher_ks: tuple = (1, 2, 4, 8, 1000)
     n_samples: int = 10_000
     chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
@@ -106,6 +110,10 @@ class Config:
         for flag, xs in (("--methods", self.methods), ("--steps", self.mm_steps), ("--steps", self.dmd2_steps)):
             if len(set(xs)) < len(xs):  # one checkpoint per phase name: a repeated phase would resume its twin
                 raise ValueError(f"{flag} lists a value twice: {','.join(map(str, xs))}")
+        for times in self.dmd2_times or ():  # one tuple of input times per k; a k without one uses the uniform grid
+            if not isinstance(times, tuple) or not times:
+                raise ValueError(f"dmd2_times must be a tuple of tuples of step times; got {self.dmd2_times!r}")
+            sampling.check_step_times(times, len(times))
         if not 0.0 <= self.teacher_ema < 1.0:
             raise ValueError(f"teacher_ema (EMA decay) must be in [0, 1); got {self.teacher_ema}")
         if self.teacher not in ("trained", "exact"):
@@ -131,7 +139,7 @@ PRESETS = {
 # default: a CPU run. Its 2,000-step teacher is still improving fast, so a weight average only lags behind it
 # (measured: EMA 0.99 no better, 0.999 worse; README), while lr 3e-3 instead of 1e-3 took its FD from 50 to 31.
 IMAGE_PRESETS = {
-    "default": Config(data="digits", batch=128, teacher_steps=2000, teacher_lr=3e-3, mm_train_steps=600,
+    "default": Config(data="digits", batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=600,
                       dmd2_train_steps=100, dmd2_steps=(1,), teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898, chunk=100),
     "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
                     dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8), n_samples=200, chunk=20,
@@ -282,6 +290,10 @@ def train_teacher(run, cfg: Config, task: tasks.Task, mesh, key):
     return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk, phase_fields(cfg, "teacher"))
 
 
+def dmd2_times(cfg: Config, k):
+    return None if cfg.dmd2_times is None else next((t for t in cfg.dmd2_times if len(t) == k), None)
+
+
 def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh):
     """A distillation phase's initial state, step function and number of steps. `teacher` is what the losses
     call; `net` the network students start from."""
@@ -289,8 +301,11 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
     b, sched = cfg.batch, task.schedule
     if method == "dmd2":
         dcfg = mmd.DMD2Config(k=k, ttur=c.ttur, gan=c.gan, backward_sim=c.backward_sim,
-                              per_step_critic=c.per_step_critic)
+                              per_step_critic=c.per_step_critic, times=dmd2_times(c, k), gan_gen_weight=c.gan_gen_weight)
         opt = mmd.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5))
+        if c.dmd2_lr_decay:
+            opt = (mmd.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5),
+                                      decay_steps=c.dmd2_train_steps), opt)
         state = mmd.init_dmd2(net, jr.key(cfg.seed + 1), opt, dcfg, task.feat_dim)
         step = with_labels(lambda st, kk, x, lab: mmd.dmd2_step(
             st, teacher, x.reshape(dcfg.ttur, b, *x.shape[1:]), kk, cfg=dcfg, optimiser=opt, schedule=sched,
@@ -362,11 +377,11 @@ def check_checkpoints(run: Run, cfg: Config, task: tasks.Task, mesh):
             run.load_phase(name, like, phase_fields(cfg, name, overrides))
 
 
-def draw_samples(model, task: tasks.Task, key, n, k, step):
+def draw_samples(model, task: tasks.Task, key, n, k, step, times=None):
     """Samples (class-conditional on labels 0, 1, 2, ... when the task has classes) and the wall time
-    of drawing them (compiled beforehand, so compile time is excluded)."""
+    of drawing them (compiled beforehand, so compile time is excluded). `times`: see `sampling.sample`."""
     label = jnp.arange(n) % task.num_classes if task.num_classes else None
-    fn = jax.jit(lambda key: sample(model, task.schedule, key, (n, *task.shape), k, step, label)).lower(key).compile()
+    fn = jax.jit(lambda key: sample(model, task.schedule, key, (n, *task.shape), k, step, label, times)).lower(key).compile()
     t0 = time.perf_counter()
     x = np.asarray(jax.block_until_ready(fn(key)), np.float32)
     return x, None if label is None else np.asarray(label), time.perf_counter() - t0
@@ -402,17 +417,18 @@ def main(cfg: Config, run: Run):
     for i, (name, method, k, overrides) in enumerate(phases(cfg)):
         model, history, seconds = distil(run, cfg, name, method, k, overrides, task, teacher, net, precond, mesh,
                                          jr.fold_in(key_distil, i))
-        students[name] = (model, "marginal" if method == "dmd2" else "ancestral", k)
+        students[name] = (model, "marginal" if method == "dmd2" else "ancestral", k,
+                          dmd2_times(cfg, k) if method == "dmd2" else None)
         histories[name] = history
         phase_log[name] = {"seconds": seconds, "final": {k_: float(v[-1]) for k_, v in history.items()}}
 
     run.check()
-    samplers = {f"teacher_{step}_k{k}": (teacher, step, k) for step in ("ancestral", "ddim") for k in cfg.teacher_ks}
+    samplers = {f"teacher_{step}_k{k}": (teacher, step, k, None) for step in ("ancestral", "ddim") for k in cfg.teacher_ks}
     samplers.update(students)
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
     samples, results = {}, {}
-    for name, (model, step, k) in tqdm(samplers.items(), desc="evaluate", file=sys.stdout):
-        x, label, secs = draw_samples(model, task, k_sample, cfg.n_samples, k, step)  # label: the same for all
+    for name, (model, step, k, times) in tqdm(samplers.items(), desc="evaluate", file=sys.stdout):
+        x, label, secs = draw_samples(model, task, k_sample, cfg.n_samples, k, step, times)  # label: the same for all
         samples[name] = x
         results[name] = {"k": k, "nfe": k, "sample_seconds": secs, **task.evaluate(x, label, k_ref)}
     floor = task.floor(k_floor)
