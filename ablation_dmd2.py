@@ -1,12 +1,14 @@
 """The DMD2 ablation of the README: k steps, backward simulation, GAN, TTUR, a critic per step; ring8, seeds.
 
-    python ablation_dmd2.py VARIANT SEEDS      e.g.  python ablation_dmd2.py k=4_per_step_critic=1 0,1,2
+    python ablation_dmd2.py VARIANT SEEDS      e.g.  python ablation_dmd2.py k=4_per_step_critic=0_grid=0 0,1,2
 
-VARIANT is `_`-separated `name=value` overrides of `train.Config` (integers; 0/1 for booleans): `k`,
-`per_step_critic`, `backward_sim`, `gan`, `ttur`, `dmd2_train_steps`. Each seed uses the cached default
-ring8 teacher of `ablation_instant.py` (`python train.py --seed S`), trains DMD2 exactly as train.py
-does (`train.distil_setup`), samples 10,000 points with marginal re-noising and prints one JSON line:
-MMD^2, mode TV and the off-mode fraction (1 - mode precision).
+VARIANT is `_`-separated `name=value` overrides of `train.Config`: `k`, `per_step_critic`, `backward_sim`,
+`gan`, `dmd2_lr_decay` (0/1), `ttur`, `dmd2_train_steps` (integers), `dmd2_lr`, `gan_gen_weight` (floats),
+`times` (the generator's step times, `times=1:0.89:0.74:0.49`), `grid=0` (uniform) / `grid=1` (official). Each seed uses the cached default ring8
+teacher of `ablation_instant.py` (`python train.py --seed S`), trains DMD2 exactly as train.py does
+(`train.distil_setup`), keeping beside it a weight average of the generator (`train.ema_update`, decays
+0.99 and 0.999; it does not change the training), samples 10,000 points with marginal re-noising from the
+last weights and from each average, and prints one JSON line each: MMD^2, mode TV, off-mode fraction.
 """
 
 import dataclasses
@@ -26,28 +28,43 @@ from ablation_instant import evaluate, setup
 
 BOOLS = ("per_step_critic", "backward_sim", "gan", "dmd2_lr_decay")
 FLOATS = ("dmd2_lr", "gan_gen_weight")
+DECAYS = (0.99, 0.999)
 
 
-def main(variant, seeds):
+def parse(variant):
     over = {}
     for name, val in re.findall(r"(?:^|_)([a-z][a-z0-9_]*?)=([0-9.:e-]+)", variant):
-        if name == "times":  # times=1:0.89:0.74:0.49
+        if name == "grid":
+            over["dmd2_grid"] = "official" if int(val) else "uniform"
+        elif name == "times":
             over["dmd2_times"] = (tuple(float(v) for v in val.split(":")),)
         else:
             over[name] = bool(int(val)) if name in BOOLS else float(val) if name in FLOATS else int(val)
-    k = over.pop("k", 1)
+    return over.pop("k", 1), over
+
+
+def main(variant, seeds):
+    k, over = parse(variant)
     for seed in seeds:
         cfg, task, state, kd, ke = setup(seed)
         cfg = dataclasses.replace(cfg, **over)
         mesh = parallel.data_mesh(jax.devices()[:1])
         st, step, num = train.distil_setup(cfg, "dmd2", k, {}, task, state.model, state.model, None, mesh)
         key = jr.fold_in(kd, 3)
+
+        def body(carry, i):
+            s, emas = carry
+            s, _ = step(s, jr.fold_in(key, i))
+            return (s, [train.ema_update(e, s.generator.model, d, i + 1) for e, d in zip(emas, DECAYS)]), None
+
         t0 = time.time()
-        st = eqx.filter_jit(lambda s0: train.mmd.scan_steps(lambda s, i: step(s, jr.fold_in(key, i)), s0,
-                                                            jnp.arange(num)))(st)[0]
-        res = evaluate(st.generator.model, task, ke, k, step="marginal", times=train.dmd2_times(cfg, k))
-        res.update(off_mode=1.0 - res.pop("prec"), secs=time.time() - t0)
-        print(variant, seed, json.dumps(res), flush=True)
+        init = (st, [st.generator.model] * len(DECAYS))
+        st, emas = eqx.filter_jit(lambda c: train.mmd.scan_steps(body, c, jnp.arange(num)))(init)[0]
+        secs = time.time() - t0
+        for name, model in [("last", st.generator.model)] + [(f"ema{d}", e) for d, e in zip(DECAYS, emas)]:
+            res = evaluate(model, task, ke, k, step="marginal", times=train.dmd2_times(cfg, k, task))
+            res.update(off_mode=1.0 - res.pop("prec"), secs=secs)
+            print(variant, seed, name, json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":

@@ -165,6 +165,30 @@ def uniform_times(num_steps: int):
     return 1.0 - jnp.arange(num_steps) / num_steps
 
 
+def sd_logsnr(timesteps, num_train=1000, beta_start=0.00085, beta_end=0.012):
+    """log-SNR of DDPM timesteps (0..999) of Stable Diffusion's scaled-linear schedule (numpy, float64)."""
+    betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train) ** 2
+    abar = np.cumprod(1.0 - betas)[np.asarray(timesteps)]
+    return np.log(abar / (1.0 - abar))
+
+
+def dmd2_official_times(schedule: "Schedule", num_steps: int, data_var: float = 1.0):
+    """DMD2's official k-step grid moved onto `schedule`: the DDPM timesteps `999, 999 - 1000 // k, ...`
+    (k = 4: 999 / 749 / 499 / 249, `sd_unified_model.py`'s `denoising_step_list` on SDXL's scaled-linear
+    schedule) at the same log-SNR relative to the data, `lambda(t) = lambda_SD(T) - log(data_var)` (SD's latents
+    have about unit variance). The first step is pure noise, t = 1. Returns a tuple of k Python floats.
+
+    For ring8 (variance 2 per coordinate) and k = 4: t = 1, 0.89, 0.74, 0.49, against the uniform grid's
+    1, 0.75, 0.5, 0.25: the later steps start noisier, so they can still move mass between modes.
+    """
+    check_num_steps(num_steps)
+    steps = np.arange(999, 0, -(1000 // num_steps))[:num_steps]
+    lam = sd_logsnr(steps) - np.log(data_var)
+    t = np.asarray(schedule.time(jnp.asarray(lam, jnp.float32)), np.float64)
+    t[0] = 1.0
+    return tuple(round(float(x), 4) for x in t)
+
+
 def check_step_times(times, num_steps):
     """Raise `ValueError` unless `times` is `(num_steps,)`, strictly decreasing, in (0, 1] (concrete values only)."""
     a = np.asarray(times, np.float64) if _concrete(times) else None

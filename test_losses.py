@@ -604,3 +604,20 @@ def test_dmd2_step_takes_one_optimiser_per_player():
         for _ in range(6):  # updates 0..5; the last one runs at schedule count 5
             upd, state = opt.update(jnp.ones(3), state, params)
         assert bool(jnp.all(upd == 0)) == stopped, (decay_steps, upd)
+
+
+def test_dmd2_official_times_match_the_official_log_snr():
+    """`sampling.dmd2_official_times`: t_0 = 1 (pure noise) and, for j >= 1, this schedule's log-SNR at t_j equals SD's
+    scaled-linear log-SNR at DDPM step 999 - 250 j (k = 4) minus log(data variance); SD's last alpha-bar is the
+    known 0.0047 (a plain linear beta schedule gives 0.0016 and fails)."""
+    from sampling import dmd2_official_times, sd_logsnr
+
+    abar_last = 1.0 / (1.0 + np.exp(-sd_logsnr(999)))
+    assert abs(abar_last - 0.0047) < 0.0002
+    for var in (1.0, 2.0):
+        times = dmd2_official_times(SCHED, 4, var)
+        assert times[0] == 1.0 and all(a > b for a, b in zip(times, times[1:]))
+        lam = np.asarray(SCHED.logsnr(jnp.asarray(times[1:])))
+        np.testing.assert_allclose(lam, sd_logsnr([749, 499, 249]) - np.log(var), atol=2e-3)
+    assert dmd2_official_times(SCHED, 1) == (1.0,)
+    assert len(dmd2_official_times(SCHED, 8)) == 8
