@@ -17,7 +17,7 @@ import optax
 
 import losses as L
 from models import DiscriminatorHead
-from sampling import Schedule, bcast, check_step_times, diffuse, edm_train_time, karras_grid_time, uniform_times
+from sampling import Schedule, bcast, check_step_times, diffuse, edm_train_time, karras_grid_time
 
 sg = jax.lax.stop_gradient
 
@@ -128,10 +128,6 @@ class DMD2Config:
             raise ValueError(f"k (generator steps) must be an integer >= 1; got {self.k!r}")
         if self.times is not None:
             check_step_times(self.times, self.k)
-
-    def step_times(self):
-        """`(k,)` input times of the generator's steps; the step after the last re-noises to t = 0 (is the sample)."""
-        return uniform_times(self.k) if self.times is None else jnp.asarray(self.times, jnp.float32)
         if not isinstance(self.ttur, int) or self.ttur < 1:
             raise ValueError(f"ttur (critic updates per generator update) must be an integer >= 1; got {self.ttur!r}")
 

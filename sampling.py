@@ -159,12 +159,6 @@ def marginal_step(schedule, z_t, x_hat, t, s, key):
 STEPS = {"ancestral": ancestral_step, "ddim": ddim_step, "marginal": marginal_step}
 
 
-def uniform_times(num_steps: int):
-    """Algorithm 1's grid: the input times `1, (k-1)/k, ..., 1/k` of a k-step sampler, `(k,)`."""
-    check_num_steps(num_steps)
-    return 1.0 - jnp.arange(num_steps) / num_steps
-
-
 def sd_logsnr(timesteps, num_train=1000, beta_start=0.00085, beta_end=0.012):
     """log-SNR of DDPM timesteps (0..999) of Stable Diffusion's scaled-linear schedule (numpy, float64)."""
     betas = np.linspace(beta_start**0.5, beta_end**0.5, num_train) ** 2
