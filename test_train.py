@@ -241,6 +241,41 @@ def test_teacher_phase_keeps_the_ema_of_its_weights(tmp_path):
     assert off.ema is None and off.model is off.player.model
 
 
+def test_dmd2_phase_returns_the_ema_of_its_generator(tmp_path):
+    """A DMD2 phase with dmd2_ema = d returns the closed-form EMA of the generator's weights after each update (not
+    the last weights); with d = 0 it returns the last weights. The average does not change the training."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, dmd2_train_steps=5, chunk=1, dmd2_ema=0.7)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    seen, real_save = [], train.Run.save_phase
+
+    def spy(self, name, state, *args):
+        seen.append(eqx.filter(state.state.generator.model if isinstance(state, train.Averaged)
+                               else state.generator.model, eqx.is_inexact_array))
+        return real_save(self, name, state, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.Run, "save_phase", spy)
+        model, _, _ = train.distil(train.Run(tmp_path / "a"), cfg, "dmd2_k1", "dmd2", 1, {}, task, net, net, None,
+                                   mesh, jr.key(1))
+        last, _, _ = train.distil(train.Run(tmp_path / "b"), dataclasses.replace(cfg, dmd2_ema=0.0), "dmd2_k1",
+                                  "dmd2", 1, {}, task, net, net, None, mesh, jr.key(1))
+    averaged, plain = seen[:5], seen[5:]
+    assert len(plain) == 5
+    for a, b in zip(jax.tree.leaves(averaged), jax.tree.leaves(plain)):  # the same training with and without it
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    got = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    for i, leaf in enumerate(got):
+        np.testing.assert_allclose(np.asarray(leaf), ema_closed_form([jax.tree.leaves(p)[i] for p in averaged], 0.7),
+                                   rtol=1e-4, atol=1e-6)
+    last_leaves = [np.asarray(x) for x in jax.tree.leaves(eqx.filter(last, eqx.is_inexact_array))]
+    for a, b in zip(last_leaves, jax.tree.leaves(plain[-1])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert max(np.abs(np.asarray(g) - b).max() for g, b in zip(got, last_leaves)) > 1e-6  # the average is not the last
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Divergence.
 
