@@ -11,6 +11,7 @@ MMD^2, mode TV and mode precision of 10,000 samples against 10,000 fresh true sa
 the same evaluation as train.py's report). Roughly 30-60 s per seed on a 2-core CPU after the teacher.
 """
 
+import dataclasses
 import json
 import sys
 import time
@@ -32,7 +33,7 @@ from sampling import sample
 
 
 def setup(seed):
-    cfg = train.Config(seed=seed)
+    cfg = dataclasses.replace(train.PRESETS["default"], seed=seed)
     task = tasks.make_task(cfg)
     mesh = parallel.data_mesh(jax.devices()[:1])
     run = train.Run(Path(f"runs/ablation/ring8_trained_s{seed}"))

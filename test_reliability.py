@@ -384,6 +384,7 @@ def test_guidance_needs_labels(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("extra, named", [(["--seed", "3"], "--seed"), (["--no-gan"], "--no-gan"),
+                                          (["--gan"], "--gan"),
                                           (["--out", "x"], "--out"), (["--overwrite"], "--overwrite")])
 def test_resume_refuses_flags_it_would_ignore(extra, named, tmp_path, capsys):
     out = tmp_path / "run"
@@ -422,6 +423,7 @@ FLAGS = {
     "--max-chunks": (["1", "9"], ["0", "-1", "x"]),
     "--out": (["new", "new/deeper", "existing"], ["afile", "afile/sub"]),
     "--no-gan": ([None], []),
+    "--gan": ([None], []),
     "--no-backward-sim": ([None], []),
     "--overwrite": ([None], []),
     "--bogus": ([], [None]),
@@ -491,7 +493,7 @@ def test_cli_fuzz(sandbox, tmp_path_factory, data):
         if data.draw(st.booleans(), label="with --max-chunks"):
             n = data.draw(st.sampled_from(["1", "0"]), label="--max-chunks")
             given["--max-chunks"] = (n, n == "1")
-        extra = data.draw(st.sampled_from([None, "--seed", "--no-gan", "--out", "--preset"]), label="extra flag")
+        extra = data.draw(st.sampled_from([None, "--seed", "--no-gan", "--gan", "--out", "--preset"]), label="extra flag")
         if extra:  # a flag that --resume would ignore: refused, by name
             given[extra] = (FLAGS[extra][0][-1], False)
     else:

@@ -69,6 +69,17 @@ def test_every_decided_claim_names_its_samplers():
     assert row(rows, "DMD2 with GAN better")["held"] is True  # 5.87 < 8.96
 
 
+@pytest.mark.parametrize("with_gan, without", [(2.0, 3.0), (3.0, 2.0)])
+def test_gan_claim_when_the_run_is_without_gan(with_gan, without):
+    """A run whose DMD2 is without the GAN (toy default) has the ablation `dmd2_gan_k1` *with* it: the verdict
+    compares the right pair either way round and names both."""
+    res = {n: {"k": 1, "nfe": 1, "mmd2": v, "sample_seconds": 0.1} for n, v in
+           [("dmd2_k1", without), ("dmd2_gan_k1", with_gan)]}
+    r = row(report.claims(res, {}, {}, "mmd2"), "DMD2 with GAN better")
+    assert r["held"] is (with_gan < without)
+    assert r["measured"] == f"mmd2 {with_gan:.3g} (dmd2_gan_k1) vs {without:.3g} (dmd2_k1)"
+
+
 def test_toy_claims_use_mmd2():
     res = {n: {"k": k, "nfe": k, "mmd2": v, "sample_seconds": 0.1} for n, k, v in
            [("teacher_ancestral_k1000", 1000, 6e-5), ("mm_alternating_k8", 8, 5e-4), ("mm_alternating_marginal_k8", 8, 1e-3)]}
