@@ -17,7 +17,7 @@ import optax
 
 import losses as L
 from models import DiscriminatorHead
-from sampling import Schedule, bcast, check_step_times, diffuse, edm_train_time, karras_grid_time
+from sampling import Schedule, bcast, check_step_times, diffuse, edm_train_time, karras_grid_time, step_grid
 
 sg = jax.lax.stop_gradient
 
@@ -352,8 +352,8 @@ def step_critic(critic: Critic, key, cfg: DMD2Config):
 
 
 def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None, j=None):
-    """The input of the generator step being trained, on the grid t_j = 1 - j/k, j ~ U{0..k-1} per example
-    (or the given step `j` for every example).
+    """The input of the generator step being trained, at t_j of its grid (`cfg.times`, else 1 - j/k),
+    j ~ U{0..k-1} per example (or the given step `j` for every example).
 
     Backward simulation (DMD2 Sec. 4.5): run the generator itself, without gradient, from pure noise
     through steps 0..j-1 with marginal re-noising. Without it: forward-diffuse real data to t_j.
@@ -361,12 +361,7 @@ def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config,
     b, k = x_real.shape[0], cfg.k
     kj, kz, ks = jr.split(key, 3)
     j = jr.randint(kj, (b,), 0, k) if j is None else jnp.full((b,), j)
-    if cfg.times is None:  # the uniform grid, computed as t = 1 - i/k (its float rounding is that of the README's runs)
-        time_of, next_of = (lambda i: 1.0 - i / k), (lambda i: 1.0 - i / k - 1.0 / k)
-    else:
-        times = jnp.asarray(cfg.times, jnp.float32)
-        nexts = jnp.append(times[1:], 0.0)
-        time_of, next_of = (lambda i: times[i]), (lambda i: nexts[i])
+    time_of, next_of = step_grid(k, cfg.times)
     t_j = time_of(j)
     if not cfg.backward_sim:
         return diffuse(schedule, x_real, t_j, jr.normal(kz, x_real.shape)), t_j

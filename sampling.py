@@ -192,6 +192,18 @@ def check_step_times(times, num_steps):
         raise ValueError(f"step times must be strictly decreasing in (0, 1]; got {a.tolist()}")
 
 
+def step_grid(num_steps: int, times=None):
+    """`(time_of, next_of)`: step i's input time and the time its output is re-noised to (0 after the last step).
+    `times` None: the uniform grid t = 1 - i/k, computed from i (the float rounding of every measured run);
+    else the checked `(num_steps,)` decreasing input times. Both take an int or an int array."""
+    if times is None:
+        return (lambda i: 1.0 - i / num_steps), (lambda i: jnp.maximum(1.0 - i / num_steps - 1.0 / num_steps, 0.0))
+    check_step_times(times, num_steps)
+    times = jnp.asarray(times, jnp.float32)
+    nexts = jnp.append(times[1:], 0.0)
+    return (lambda i: times[i]), (lambda i: nexts[i])
+
+
 def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, step: str = "ancestral", label=None,
            times=None):
     """Sample on the uniform grid t = 1, (k-1)/k, ..., 1/k (or on `times`) as one `lax.scan` (Algorithm 1).
@@ -209,14 +221,7 @@ def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, s
     **Returns:** the last `x_hat`, shaped `shape`.
     """
     check_num_steps(num_steps)
-    if times is None:  # the uniform grid, computed from i as always (same float rounding as before `times`)
-        time_of = lambda i: 1.0 - i / num_steps
-        next_of = lambda i: jnp.maximum(1.0 - i / num_steps - 1.0 / num_steps, 0.0)
-    else:
-        check_step_times(times, num_steps)
-        times = jnp.asarray(times, jnp.float32)
-        nexts = jnp.append(times[1:], 0.0)
-        time_of, next_of = (lambda i: times[i]), (lambda i: nexts[i])
+    time_of, next_of = step_grid(num_steps, times)
     if step not in STEPS:
         raise ValueError(f"unknown step {step!r}; choose one of {sorted(STEPS)}")
     step_fn = STEPS[step]
