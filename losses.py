@@ -117,6 +117,25 @@ class StraightThrough(eqx.Module):
         return plain + sg(exact - plain)
 
 
+class Rebased(eqx.Module):
+    """`model(z) + sg(base(z) - anchor(z))`: values of `base` while `model` equals `anchor`, and a trainable
+    offset from there (gradients and parameters are `model`'s).
+
+    Algorithm 2 with the exact teacher (`--teacher exact`): the auxiliary model must start *as the teacher*
+    (Algorithm 2, Require), so that the generator's first gradient, `g_phi - g_theta`, is zero. Started as
+    the network regressed onto the closed form, it would start with that regression's error in it.
+    `anchor` is a frozen copy of the starting network; its leaves (and `base`'s) get zero gradients.
+    """
+
+    model: eqx.Module
+    base: eqx.Module
+    anchor: eqx.Module
+
+    def __call__(self, z, t, label=None):
+        call = lambda m: m(z, t) if label is None else m(z, t, label)
+        return call(self.model) + sg(call(self.base) - call(self.anchor))
+
+
 # ----------------------------------------------------------------------------------------------
 # Teacher / fake score: the ordinary diffusion loss (Sec. 2.1).
 

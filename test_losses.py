@@ -445,6 +445,27 @@ def test_short_alternating_run(net_teacher):
     _assert_moves_toward_data(_student_error(net_teacher, "ancestral"), _student_error(state.generator.model, "ancestral"))
 
 
+def test_rebased_auxiliary_model_starts_as_the_exact_teacher(net_teacher):
+    """`--teacher exact`, Algorithm 2: the auxiliary model `losses.Rebased(net, exact, net)` has the closed
+    form's values, so the generator's first gradient (Eq. 6, `g_phi - g_theta`) is zero up to rounding; the
+    plain regressed network as auxiliary model (the former start) gives a gradient of its regression error.
+    Training moves the network part only."""
+    rebased = L.Rebased(net_teacher, EXACT, net_teacher)
+    z, t = jr.normal(jr.key(0), (64, 2)), jr.uniform(jr.key(1), (64,), minval=0.05, maxval=0.95)
+    np.testing.assert_allclose(L.apply(rebased, z, t), L.apply(EXACT, z, t), atol=1e-5)
+    batch = L.noised_batch(SCHED, _data(jr.key(2)), jr.key(3), K_SHORT)
+    grad = lambda aux: tree_vec(eqx.filter_grad(L.generator_loss)(net_teacher, aux, EXACT, SCHED, batch, "flat"))
+    plain = float(jnp.linalg.norm(grad(net_teacher)))
+    assert plain > 1e-3 and float(jnp.linalg.norm(grad(rebased))) < 1e-3 * plain
+    cfg, opt = mmd.MMConfig(k=K_SHORT, weighting="flat"), mmd.mm_optimiser(1e-3, 10, 2)
+    state = mmd.init_alternating(rebased, opt, student=net_teacher)
+    for i in range(3):
+        state, _ = mmd.alternating_step(state, EXACT, _data(jr.key(10 + i)), jr.key(20 + i), cfg=cfg, optimiser=opt, schedule=SCHED)
+    aux = state.aux.model
+    assert jnp.array_equal(tree_vec(aux.anchor), tree_vec(net_teacher)) and jnp.array_equal(tree_vec(aux.base), tree_vec(EXACT))
+    assert not jnp.array_equal(tree_vec(aux.model), tree_vec(net_teacher))
+
+
 def test_short_instant_run(net_teacher):
     cfg, opt = mmd.MMConfig(k=K_SHORT, weighting="flat"), mmd.mm_optimiser(1e-3, N_SHORT, 50)
     precond = mmd.estimate_preconditioner(net_teacher, SCHED, jnp.stack([_data(jr.key(i)) for i in range(10)]), jr.key(0))

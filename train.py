@@ -362,7 +362,9 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
         num = c.mm_train_steps
         if method == "mm_alternating":
             opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10))
-            state = mmd.init_alternating(net, opt)
+            # exact teacher: the auxiliary model starts at the closed form's values (losses.Rebased)
+            aux = net if cfg.teacher != "exact" else L.Rebased(net, task.exact, net)
+            state = mmd.init_alternating(aux, opt, student=net)
             step = with_labels(lambda st, kk, x, lab: mmd.alternating_step(
                 st, teacher, x, kk, cfg=mcfg, optimiser=opt, schedule=sched, label=lab), task, b, mesh)
         else:
