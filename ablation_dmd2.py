@@ -2,15 +2,15 @@
 
     python ablation_dmd2.py VARIANT SEEDS      e.g.  python ablation_dmd2.py k=4_per_step_critic=0_grid=0 0,1,2
 
-VARIANT is `_`-separated `name=value` overrides of `train.PRESETS["default"]` (3,000 updates, no GAN, weight
-average 0.99: `k=4` is train.py's DMD2 k = 4; the README's rows spell out every setting they changed): `k`, `per_step_critic`, `backward_sim`,
+VARIANT is `_`-separated `name=value` overrides of `train.PRESETS["default"]` (6,000 updates, no GAN, weight
+average 0.999: `k=4` is train.py's DMD2 k = 4; the README's rows spell out every setting they changed): `k`, `per_step_critic`, `backward_sim`,
 `gan`, `dmd2_lr_decay` (0/1), `ttur`, `dmd2_train_steps` (integers), `dmd2_lr`, `gan_gen_weight` (floats),
 `times` (the generator's step times, `times=1:0.89:0.74:0.49`), `grid=0` (uniform) / `grid=1` (official). Each seed uses the cached default ring8
 teacher of `ablation_instant.py` (`python train.py --seed S`), trains DMD2 exactly as train.py does
 (`train.distil_setup`), keeping beside it a weight average of the generator (`train.ema_update`, decays
 0.99 and 0.999; it does not change the training), samples 10,000 points with marginal re-noising from the
 last weights and from each average, and prints one JSON line each: MMD^2, mode TV, off-mode fraction.
-The `ema0.99` line is what train.py samples by default (`Config.dmd2_ema`); `last` is `dmd2_ema = 0`.
+The `ema0.999` line is what train.py samples on toy data (`TOY_DMD2`); `last` is `dmd2_ema = 0`.
 """
 
 import dataclasses

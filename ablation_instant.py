@@ -5,7 +5,9 @@
 VARIANT `teacher` or `alternating` gives the reference rows (the teacher's 8-step sampler; Algorithm 2).
 VARIANT is `_`-joined `name=value` changes: `eq10` (0/1: subtract the teacher's expected gradient on real
 data, Eq. 10), `decay` (EMA of nu over updates; 0 = one batch), `lr`, `steps`, `nbp` (B' as a multiple of
-B), `peps` (preconditioner guard). Each seed trains (and caches under runs/ablation/) the default ring8
+B), `peps` (preconditioner guard), `nbg` (real batches averaged for Eq. 10's data term). Every instant row
+and the alternating row is also printed for the student's weight averages 0.99 and 0.999 (`VARIANT+ema0.99`;
+the training is unchanged). Each seed trains (and caches under runs/ablation/) the default ring8
 teacher of `python train.py --seed S`, distils instant MM at k = 8 from it and prints one JSON line:
 MMD^2, mode TV and mode precision of 10,000 samples against 10,000 fresh true samples (`metrics.evaluate`,
 the same evaluation as train.py's report). Roughly 30-60 s per seed on a 2-core CPU after the teacher.
@@ -31,6 +33,8 @@ import tasks
 import train
 from sampling import sample
 
+EMAS = (0.99, 0.999)  # the student's weight averages printed beside each instant row
+
 
 def setup(seed):
     cfg = dataclasses.replace(train.PRESETS["default"], seed=seed)
@@ -49,7 +53,7 @@ def evaluate(model, task, key_eval, k, n=10_000, step="ancestral", times=None):
     return {"mmd2": r["mmd2"], "mode_tv": r["mode_tv"], "prec": r["mode_precision"]}
 
 
-def data_grad_of(task, teacher, key, nb=200, b=256):
+def data_grad_of(task, teacher, key, nb=200, b=256):  # nb=200 is what the README's table used
     xs = jnp.stack([task.draw(jr.fold_in(key, i), b)[0] for i in range(nb)])
     return eqx.filter_jit(mmd.data_moment)(teacher, task.schedule, xs, jr.fold_in(key, 10**6))
 
@@ -65,7 +69,7 @@ def run_instant(cfg, task, teacher, precond, key, *, steps=None, lr=None, data_g
     sched = task.schedule
 
     def step(carry, kk):
-        player, nu_avg, n = carry
+        player, nu_avg, n, emas = carry
         kd, kd2, k1, k2 = jr.split(kk, 4)
         batch = L.noised_batch(sched, task.draw(kd, b)[0], k1, k)
         batch_p = L.noised_batch(sched, task.draw(kd2, b * nbp)[0], k2, k)
@@ -74,12 +78,14 @@ def run_instant(cfg, task, teacher, precond, key, *, steps=None, lr=None, data_g
         tangent = jax.tree.map(lambda a: a / (1 - decay ** (n + 1)), nu_avg)
         (_, mon), g = eqx.filter_value_and_grad(L.instant_loss, has_aux=True)(
             player.model, teacher, precond, sched, batch, batch_p, "edm", "posterior", nu=tangent)
-        return (mmd._apply_grads(player, g, opt), nu_avg, n + 1), {"instant_loss": mon}
+        player = mmd._apply_grads(player, g, opt)
+        emas = tuple(train.ema_update(e, player.model, d, n + 1) for e, d in zip(emas, EMAS))
+        return (player, nu_avg, n + 1, emas), {"instant_loss": mon}
 
-    carry = (mmd.init_player(teacher, opt), jax.tree.map(jnp.zeros_like, precond), jnp.int32(0))
-    (player, _, _), m = eqx.filter_jit(
+    carry = (mmd.init_player(teacher, opt), jax.tree.map(jnp.zeros_like, precond), jnp.int32(0), (teacher,) * len(EMAS))
+    (player, _, _, emas), m = eqx.filter_jit(
         lambda c: mmd.scan_steps(lambda s, i: step(s, jr.fold_in(key, i)), c, jnp.arange(steps)))(carry)
-    return player.model, np.asarray(m["instant_loss"])
+    return player.model, np.asarray(m["instant_loss"]), emas
 
 
 def run_alternating(cfg, task, teacher, key, k=8):
@@ -87,38 +93,43 @@ def run_alternating(cfg, task, teacher, key, k=8):
     n, mcfg = cfg.mm_train_steps, mmd.MMConfig(k=k, weighting="edm")
     opt = mmd.mm_optimiser(cfg.mm_lr, n, warmup=min(1000, n // 10))
 
-    def step(st, kk):
-        kd, ks = jr.split(kk)
-        return mmd.alternating_step(st, teacher, task.draw(kd, cfg.batch)[0], ks, cfg=mcfg, optimiser=opt,
-                                    schedule=task.schedule)
+    def step(carry, i):
+        st, emas = carry
+        kd, ks = jr.split(jr.fold_in(key, i))
+        st, m = mmd.alternating_step(st, teacher, task.draw(kd, cfg.batch)[0], ks, cfg=mcfg, optimiser=opt,
+                                     schedule=task.schedule)
+        return (st, tuple(train.ema_update(e, st.generator.model, d, i + 1) for e, d in zip(emas, EMAS))), m
 
-    state = eqx.filter_jit(lambda s0: mmd.scan_steps(lambda s, i: step(s, jr.fold_in(key, i)), s0, jnp.arange(n)))(
-        mmd.init_alternating(teacher, opt))[0]
-    return state.generator.model
+    state, emas = eqx.filter_jit(lambda c: mmd.scan_steps(step, c, jnp.arange(n)))(
+        (mmd.init_alternating(teacher, opt), (teacher,) * len(EMAS)))[0]
+    return state.generator.model, emas
 
 
 def main(variant, seeds):
     if variant in ("teacher", "alternating"):  # the reference rows
         for seed in seeds:
             cfg, task, state, kd, ke = setup(seed)
-            model = state.model if variant == "teacher" else run_alternating(cfg, task, state.model, jr.fold_in(kd, 2))
-            print(variant, seed, json.dumps(evaluate(model, task, ke, 8)), flush=True)
+            model, emas = (state.model, ()) if variant == "teacher" else run_alternating(cfg, task, state.model, jr.fold_in(kd, 2))
+            for name, m in ((variant, model), *((f"{variant}+ema{d}", e) for d, e in zip(EMAS, emas))):
+                print(name, seed, json.dumps(evaluate(m, task, ke, 8)), flush=True)
         return
     kw = {}
     for part in variant.split("_"):
         name, val = part.split("=")
         kw[name] = float(val) if name in ("lr", "decay", "peps") else int(val)
-    eq10, peps = kw.pop("eq10", 1), kw.pop("peps", None)
+    eq10, peps, nbg = kw.pop("eq10", 1), kw.pop("peps", None), kw.pop("nbg", 200)
     for seed in seeds:
         cfg, task, state, kd, ke = setup(seed)
         teacher = state.model
         precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps if peps is None else peps)
-        g0 = data_grad_of(task, teacher, jr.fold_in(kd, 77)) if eq10 else None
+        g0 = data_grad_of(task, teacher, jr.fold_in(kd, 77), nb=nbg) if eq10 else None
         t0 = time.time()
-        model, hist = run_instant(cfg, task, teacher, precond, jr.fold_in(kd, 1), data_grad=g0, **kw)
-        res = evaluate(model, task, ke, 8)
-        res.update(loss_end=float(hist[-300:].mean()), secs=time.time() - t0)
-        print(variant, seed, json.dumps(res), flush=True)
+        model, hist, emas = run_instant(cfg, task, teacher, precond, jr.fold_in(kd, 1), data_grad=g0, **kw)
+        secs = time.time() - t0
+        for name, m in ((variant, model), *((f"{variant}+ema{d}", e) for d, e in zip(EMAS, emas))):
+            res = evaluate(m, task, ke, 8)
+            res.update(loss_end=float(hist[-300:].mean()), secs=secs)
+            print(name, seed, json.dumps(res), flush=True)
 
 
 if __name__ == "__main__":

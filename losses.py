@@ -121,10 +121,11 @@ class Rebased(eqx.Module):
     """`model(z) + sg(base(z) - anchor(z))`: values of `base` while `model` equals `anchor`, and a trainable
     offset from there (gradients and parameters are `model`'s).
 
-    Algorithm 2 with the exact teacher (`--teacher exact`): the auxiliary model must start *as the teacher*
-    (Algorithm 2, Require), so that the generator's first gradient, `g_phi - g_theta`, is zero. Started as
-    the network regressed onto the closed form, it would start with that regression's error in it.
-    `anchor` is a frozen copy of the starting network; its leaves (and `base`'s) get zero gradients.
+    With the exact teacher (`--teacher exact`), Algorithm 2's auxiliary model and DMD2's fake score must
+    start *as the teacher* (Algorithm 2, Require; DMD2 initialises its fake score from the real one), so that
+    the generator's first gradient, `g_phi - g_theta`, is zero. Started as the network regressed onto the
+    closed form, they would start with that regression's error in them. `anchor` is a frozen copy of the
+    starting network; its leaves (and `base`'s) get zero gradients. The GAN head reads `model`'s features.
     """
 
     model: eqx.Module
@@ -134,6 +135,9 @@ class Rebased(eqx.Module):
     def __call__(self, z, t, label=None):
         call = lambda m: m(z, t) if label is None else m(z, t, label)
         return call(self.model) + sg(call(self.base) - call(self.anchor))
+
+    def features(self, z, t, label=None):
+        return self.model.features(z, t) if label is None else self.model.features(z, t, label)
 
 
 # ----------------------------------------------------------------------------------------------

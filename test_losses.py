@@ -446,9 +446,9 @@ def test_short_alternating_run(net_teacher):
 
 
 def test_rebased_auxiliary_model_starts_as_the_exact_teacher(net_teacher):
-    """`--teacher exact`, Algorithm 2: the auxiliary model `losses.Rebased(net, exact, net)` has the closed
-    form's values, so the generator's first gradient (Eq. 6, `g_phi - g_theta`) is zero up to rounding; the
-    plain regressed network as auxiliary model (the former start) gives a gradient of its regression error.
+    """`--teacher exact`: the auxiliary model / fake score `losses.Rebased(net, exact, net)` has the closed
+    form's values, so the generator's first gradient (Eq. 6, and DMD2's `fake - real`) is zero up to
+    rounding; the plain regressed network (the former start) gives a gradient of its regression error.
     Training moves the network part only."""
     rebased = L.Rebased(net_teacher, EXACT, net_teacher)
     z, t = jr.normal(jr.key(0), (64, 2)), jr.uniform(jr.key(1), (64,), minval=0.05, maxval=0.95)
@@ -457,6 +457,10 @@ def test_rebased_auxiliary_model_starts_as_the_exact_teacher(net_teacher):
     grad = lambda aux: tree_vec(eqx.filter_grad(L.generator_loss)(net_teacher, aux, EXACT, SCHED, batch, "flat"))
     plain = float(jnp.linalg.norm(grad(net_teacher)))
     assert plain > 1e-3 and float(jnp.linalg.norm(grad(rebased))) < 1e-3 * plain
+    x = _data(jr.key(4))  # DMD2's generator gradient at x (any x: the scores compared at noised x)
+    t1, noise = jnp.full((x.shape[0],), 0.5), jr.normal(jr.key(5), x.shape)
+    dmd = lambda fake: float(jnp.linalg.norm(jax.grad(L.dmd_loss)(x, EXACT, fake, SCHED, t1, noise)))
+    assert dmd(net_teacher) > 1e-5 and dmd(rebased) < 1e-3 * dmd(net_teacher)
     cfg, opt = mmd.MMConfig(k=K_SHORT, weighting="flat"), mmd.mm_optimiser(1e-3, 10, 2)
     state = mmd.init_alternating(rebased, opt, student=net_teacher)
     for i in range(3):

@@ -276,6 +276,34 @@ def test_dmd2_phase_returns_the_ema_of_its_generator(tmp_path):
     assert max(np.abs(np.asarray(g) - b).max() for g, b in zip(got, last_leaves)) > 1e-6  # the average is not the last
 
 
+@pytest.mark.parametrize("mult", [1, 3])
+def test_instant_phase_draws_b_and_b_prime(mult):
+    """Algorithm 3's update gets a batch B and an independent batch B' = nu_batch_mult x B (which gives nu)."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, nu_batch_mult=mult, data_grad_batches=2)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    sizes, real_step = [], train.mmd.instant_step
+
+    def spy(state, teacher, precond, x, x_prime, *args, **kw):
+        sizes.append((x.shape[0], x_prime.shape[0]))
+        return real_step(state, teacher, precond, x, x_prime, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.mmd, "instant_step", spy)
+        state, step, _ = train.distil_setup(cfg, "mm_instant", 2, {}, task, net, net, precond, mesh)
+        step(state, jr.key(0))
+    assert sizes == [(cfg.batch, mult * cfg.batch)]
+
+
+@pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps"])
+def test_config_rejects_counts_below_one(field):
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1; got 0"):
+        dataclasses.replace(TINY, **{field: 0})
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Divergence.
 
