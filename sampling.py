@@ -186,8 +186,8 @@ def dmd2_official_times(schedule: "Schedule", num_steps: int, data_var: float = 
 def check_step_times(times, num_steps):
     """Raise `ValueError` unless `times` is `(num_steps,)`, strictly decreasing, in (0, 1] (concrete values only)."""
     a = np.asarray(times, np.float64) if _concrete(times) else None
-    if jnp.shape(times) != (num_steps,):
-        raise ValueError(f"need {num_steps} step times (one per step); got step times of shape {jnp.shape(times)}")
+    if np.shape(times) != (num_steps,):
+        raise ValueError(f"need {num_steps} step times (one per step); got step times of shape {np.shape(times)}")
     if a is not None and not (np.all(a > 0) and np.all(a <= 1) and np.all(np.diff(a) < 0)):
         raise ValueError(f"step times must be strictly decreasing in (0, 1]; got {a.tolist()}")
 
