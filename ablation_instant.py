@@ -5,7 +5,8 @@
 VARIANT `teacher` or `alternating` gives the reference rows (the teacher's 8-step sampler; Algorithm 2).
 VARIANT is `_`-joined `name=value` changes: `eq10` (0/1: subtract the teacher's expected gradient on real
 data, Eq. 10), `decay` (EMA of nu over updates; 0 = one batch), `lr`, `steps`, `nbp` (B' as a multiple of
-B), `peps` (preconditioner guard), `nbg` (real batches averaged for Eq. 10's data term). Every instant row
+B), `peps` (preconditioner guard), `nbg` (real batches averaged for Eq. 10's data term), `flat` (1: flat
+weighting w(s) = 1 instead of EDM's). Every instant row
 and the alternating row is also printed for the student's weight averages 0.99 and 0.999 (`VARIANT+ema0.99`;
 the training is unchanged). Each seed trains (and caches under runs/ablation/) the default ring8
 teacher of `python train.py --seed S`, distils instant MM at k = 8 from it and prints one JSON line:
@@ -53,12 +54,13 @@ def evaluate(model, task, key_eval, k, n=10_000, step="ancestral", times=None):
     return {"mmd2": r["mmd2"], "mode_tv": r["mode_tv"], "prec": r["mode_precision"]}
 
 
-def data_grad_of(task, teacher, key, nb=200, b=256):  # nb=200 is what the README's table used
+def data_grad_of(task, teacher, key, nb=200, b=256, weighting="edm"):  # nb=200 is what the README's table used
     xs = jnp.stack([task.draw(jr.fold_in(key, i), b)[0] for i in range(nb)])
-    return eqx.filter_jit(mmd.data_moment)(teacher, task.schedule, xs, jr.fold_in(key, 10**6))
+    return eqx.filter_jit(mmd.data_moment)(teacher, task.schedule, xs, jr.fold_in(key, 10**6), weighting=weighting)
 
 
-def run_instant(cfg, task, teacher, precond, key, *, steps=None, lr=None, data_grad=None, nbp=1, decay=0.0, k=8):
+def run_instant(cfg, task, teacher, precond, key, *, steps=None, lr=None, data_grad=None, nbp=1, decay=0.0, k=8,
+                weighting="edm"):
     """Algorithm 3 with an (optional) bias-corrected EMA of nu, written out step by step.
 
     The same maths as `mmd.instant_step` with `MMConfig.nu_decay` (which uses `optax.ema`); kept as written
@@ -73,11 +75,11 @@ def run_instant(cfg, task, teacher, precond, key, *, steps=None, lr=None, data_g
         kd, kd2, k1, k2 = jr.split(kk, 4)
         batch = L.noised_batch(sched, task.draw(kd, b)[0], k1, k)
         batch_p = L.noised_batch(sched, task.draw(kd2, b * nbp)[0], k2, k)
-        nu = L.instant_nu(player.model, teacher, precond, sched, batch_p, "edm", "posterior", data_grad)
+        nu = L.instant_nu(player.model, teacher, precond, sched, batch_p, weighting, "posterior", data_grad)
         nu_avg = jax.tree.map(lambda a, v: decay * a + (1 - decay) * v, nu_avg, nu)
         tangent = jax.tree.map(lambda a: a / (1 - decay ** (n + 1)), nu_avg)
         (_, mon), g = eqx.filter_value_and_grad(L.instant_loss, has_aux=True)(
-            player.model, teacher, precond, sched, batch, batch_p, "edm", "posterior", nu=tangent)
+            player.model, teacher, precond, sched, batch, batch_p, weighting, "posterior", nu=tangent)
         player = mmd._apply_grads(player, g, opt)
         emas = tuple(train.ema_update(e, player.model, d, n + 1) for e, d in zip(emas, EMAS))
         return (player, nu_avg, n + 1, emas), {"instant_loss": mon}
@@ -118,11 +120,12 @@ def main(variant, seeds):
         name, val = part.split("=")
         kw[name] = float(val) if name in ("lr", "decay", "peps") else int(val)
     eq10, peps, nbg = kw.pop("eq10", 1), kw.pop("peps", None), kw.pop("nbg", 200)
+    kw["weighting"] = "flat" if kw.pop("flat", 0) else "edm"
     for seed in seeds:
         cfg, task, state, kd, ke = setup(seed)
         teacher = state.model
         precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps if peps is None else peps)
-        g0 = data_grad_of(task, teacher, jr.fold_in(kd, 77), nb=nbg) if eq10 else None
+        g0 = data_grad_of(task, teacher, jr.fold_in(kd, 77), nb=nbg, weighting=kw["weighting"]) if eq10 else None
         t0 = time.time()
         model, hist, emas = run_instant(cfg, task, teacher, precond, jr.fold_in(kd, 1), data_grad=g0, **kw)
         secs = time.time() - t0

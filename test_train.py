@@ -298,6 +298,35 @@ def test_instant_phase_draws_b_and_b_prime(mult):
     assert sizes == [(cfg.batch, mult * cfg.batch)]
 
 
+@pytest.mark.parametrize("instant, want", [("same", "edm"), ("flat", "flat"), ("auto", "flat")])
+def test_instant_weighting_applies_to_algorithm_3_only(instant, want):
+    """`Config.instant_weighting` sets Algorithm 3's w(s) (and its data term's); Algorithm 2 keeps `weighting`."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, weighting="edm", instant_weighting=instant, data_grad_batches=2)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    seen = {}
+
+    def spy(name, real):
+        def fn(*args, cfg, **kw):
+            seen[name] = cfg.weighting
+            return real(*args, cfg=cfg, **kw)
+        return fn
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("instant_step", "alternating_step"):
+            mp.setattr(train.mmd, name, spy(name, getattr(train.mmd, name)))
+        mp.setattr(train, "data_moment", lambda cfg, task, teacher, w: seen.setdefault("data_moment", w) and None)
+        for method in ("mm_instant", "mm_alternating"):
+            state, step, _ = train.distil_setup(cfg, method, 2, {}, task, net, net, precond, mesh)
+            step(state, jr.key(0))
+    assert seen == {"instant_step": want, "data_moment": want, "alternating_step": "edm"}
+    with pytest.raises(ValueError, match="unknown weighting 'bogus'"):
+        dataclasses.replace(TINY, instant_weighting="bogus")
+
+
 @pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps"])
 def test_config_rejects_counts_below_one(field):
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1; got 0"):
