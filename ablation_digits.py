@@ -1,0 +1,72 @@
+"""The digits ablation of the README: one change at a time to one student of the CPU digits teacher, several seeds.
+
+    python ablation_digits.py METHOD K SEEDS [name=value ...]
+    e.g.  python ablation_digits.py mm_instant 8 0,1,2 instant_weighting=edm
+          python ablation_digits.py dmd2 4 0,1 dmd2_train_steps=1000 dmd2_ema=0.99
+
+METHOD is one of `train.METHODS`, or `teacher` (the teacher's own K-step ancestral sampler: the reference row),
+K its number of steps, `name=value` overrides of `train.IMAGE_PRESETS["default"]` (any Config field; the value
+is read as the field's type, booleans as 0/1). The teacher is the default digits
+teacher of `python train.py --data digits` (seed 0), trained once and cached in runs/ablation/digits_s0/. SEEDS
+are the student's: seed 0 uses the distillation key of that run's own phase (so `mm_alternating 8 0` and
+`mm_instant 8 0` reproduce `report.md` of `python train.py --data digits`), seed s > 0 folds s into it; the
+teacher, Eq. 10's data term and the evaluation key stay those of seed 0. The student is trained exactly as
+train.py trains it (`train.distil`, checkpointed, so a repeated line is read back) and sampled as train.py
+samples it; each seed prints one JSON line: FD in the digits classifier's features and class accuracy of 898
+class-conditional samples (`task.evaluate`, the numbers of train.py's report), and the training seconds.
+"""
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import jax.random as jr
+
+import mmd
+import parallel
+import tasks
+import train
+
+
+def parse(args):
+    base, over = train.IMAGE_PRESETS["default"], {}
+    for a in args:
+        name, _, val = a.partition("=")
+        if not hasattr(base, name) or not val:
+            raise SystemExit(f"error: {a!r} is not name=value of a Config field")
+        kind = type(getattr(base, name))
+        over[name] = bool(int(val)) if kind is bool else kind(val)
+    return over
+
+
+def main(method, k, seeds, over):
+    if method not in (*train.METHODS, "teacher"):
+        raise SystemExit(f"error: unknown METHOD {method!r}; choose from {(*train.METHODS, 'teacher')}")
+    cfg = train.IMAGE_PRESETS["default"]
+    task, mesh = tasks.make_task(cfg), parallel.data_mesh()
+    root = Path("runs/ablation/digits_s0")
+    key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
+    state = train.train_teacher(train.Run(root), cfg, task, mesh, key_teacher)[0]
+    teacher = state.model
+    precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps)
+    # the phase's index in the default run's phase list: its distillation key there
+    index = {m: i for i, m in enumerate(train.METHODS)}.get(method)
+    c = dataclasses.replace(cfg, **over)
+    tag = "_".join([f"{method}_k{k}"] + [f"{n}={v}" for n, v in over.items()])
+    for seed in seeds:
+        if method == "teacher":  # the reference row: the teacher's own k-step ancestral sampler
+            model, secs = teacher, 0
+        else:
+            key = jr.fold_in(key_distil, index) if seed == 0 else jr.fold_in(jr.fold_in(key_distil, index), seed)
+            run = train.Run(root / tag / f"s{seed}")
+            model, _, secs = train.distil(run, c, method, method, k, {}, task, teacher, teacher, precond, mesh, key)
+        step = "marginal" if method == "dmd2" else "ancestral"
+        x, label, _ = train.draw_samples(model, task, jr.split(key_eval, 3)[0], c.n_samples, k, step,
+                                         train.dmd2_times(c, k, task) if method == "dmd2" else None)
+        res = task.evaluate(x, label, jr.split(key_eval, 3)[1])
+        print(tag, seed, json.dumps({"fd": res["fd"], "acc": res.get("acc"), "secs": round(secs)}), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")], parse(sys.argv[4:]))
