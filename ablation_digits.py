@@ -50,15 +50,14 @@ def main(method, k, seeds, over):
     state = train.train_teacher(train.Run(root), cfg, task, mesh, key_teacher)[0]
     teacher = state.model
     precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps)
-    # the phase's index in the default run's phase list: its distillation key there
-    index = {m: i for i, m in enumerate(train.METHODS)}.get(method)
     c = dataclasses.replace(cfg, **over)
     tag = "_".join([f"{method}_k{k}"] + [f"{n}={v}" for n, v in over.items()])
     for seed in seeds:
         if method == "teacher":  # the reference row: the teacher's own k-step ancestral sampler
             model, secs = teacher, 0
         else:
-            key = jr.fold_in(key_distil, index) if seed == 0 else jr.fold_in(jr.fold_in(key_distil, index), seed)
+            key = jr.fold_in(key_distil, train.METHODS.index(method))  # the default run's key for this phase
+            key = key if seed == 0 else jr.fold_in(key, seed)
             run = train.Run(root / tag / f"s{seed}")
             model, _, secs = train.distil(run, c, method, method, k, {}, task, teacher, teacher, precond, mesh, key)
         step = "marginal" if method == "dmd2" else "ancestral"

@@ -331,11 +331,13 @@ def test_bad_input_errors():
 # that leaves the output unchanged). For k > 1 the same Gaussian parameter space gives the same number
 # of moments for k times as many student parameters, so the fixed point is not unique and need not be
 # the data (README, "closed-form testbed", measured); k > 1 is checked against the algorithms' own fixed
-# point instead (below). The error is deterministic (exact moments), so its tolerance is not a standard error: it is set from measured runs (largest error over d = 1..4, three seeds each:
-# alternating 0.12, instant 0.09, DMD2 0.10 at 2,000 updates; README), and the flipped-sign variants
-# end far above it (test_testbed_bites_on_flipped_sign).
+# point instead (below). The error is deterministic (exact moments), so its tolerance is not a standard
+# error: it is set from measured runs (largest error over d = 1..4, three seeds each: alternating 0.12,
+# instant 0.09, DMD2 0.10 at 2,000 updates; README), and the flipped-sign variants end far above it
+# (test_testbed_bites_on_flipped_sign).
 
 from hypothesis import settings  # noqa: E402
+from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import losses as L  # noqa: E402
 import mmd  # noqa: E402
@@ -466,7 +468,7 @@ def student_moment(student, teacher, k, weighting, key, nb=TB_MOMENT_BATCHES, b=
         batch = L.noised_batch(SCHED, teacher.sample(kx, b), kb, k, grid=True)
         x, z_s = L.generate(student, SCHED, batch)
         g = L.teacher_loss_grad(teacher, SCHED, x, z_s, batch.s, weighting)
-        return jnp.concatenate([a.ravel() for a in jax.tree.leaves(g)])
+        return ravel_pytree(g)[0]
 
     gs = np.asarray(jax.lax.map(one, jr.split(key, nb)), np.float64)
     mean = gs.mean(0)
