@@ -147,7 +147,7 @@ TOY_DMD2 = dict(gan=False, dmd2_train_steps=6000, dmd2_ema=0.999)
 PRESETS = {
     "default": Config(**TOY_DMD2),
     "smoke": Config(width=32, depth=2, batch=128, teacher_steps=300, mm_train_steps=100, dmd2_train_steps=40,
-                    mm_steps=(4,), dmd2_steps=(1, 2), teacher_ks=(1, 2, 4, 8, 1000), chunk=50),
+                    mm_steps=(4,), dmd2_steps=(1, 2), teacher_ks=(1, 2, 4, 8, 1000), chunk=50, n_samples=2000),
     "full": Config(mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True, **TOY_DMD2),
 }
 # Images (digits, npz:PATH): smaller batches of a larger network; 898 samples, the size of the FD reference.
