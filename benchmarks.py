@@ -205,7 +205,7 @@ def memory_table(configs=((8, 1, 64, 128), (64, 3, 64, 8))):
     `configs`: (side, channels, width, per-device batch). Numbers are XLA's `memory_analysis()` of the
     compiled step (arguments + outputs + temporaries, aliasing not subtracted), so an upper bound.
     """
-    from models import ImageDenoiser  # noqa: PLC0415
+    from uvit import ImageDenoiser  # noqa: PLC0415
 
     rows = []
     for side, ch, width, b in configs:
@@ -260,7 +260,7 @@ def teacher_ema_table(data="digits", steps=None, decays=(0.99, 0.995, 0.998, 0.9
     opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
 
     def fn(st, k, x, lab):
-        (player, emas, n), n1 = st, st[2] + 1
+        (player, emas, _), n1 = st, st[2] + 1
         player, loss = mmd.teacher_step(player, x, k, optimiser=opt, schedule=task.schedule, label=lab)
         return (player, [train.ema_update(e, player.model, d, n1) for e, d in zip(emas, decays)], n1), {"loss": loss}
 

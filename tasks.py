@@ -14,7 +14,8 @@ import numpy as np
 
 import data as D
 import metrics as M
-from models import ImageDenoiser, MLPDenoiser
+from models import MLPDenoiser
+from uvit import ImageDenoiser
 from sampling import Schedule
 
 

@@ -1,4 +1,4 @@
-"""Tests of the image denoiser (`models.ImageDenoiser`): shapes, EDM preconditioning, the null class,
+"""Tests of the image denoiser (`uvit.ImageDenoiser`): shapes, EDM preconditioning, the null class,
 class conditioning, and a tiny overfit run showing that gradients reach every parameter.
 
 The output conv is zero-initialised, so at init `x_hat = c_skip z` whatever the label; tests that
@@ -14,7 +14,9 @@ import optax
 import pytest
 
 import models
-from models import ImageDenoiser, edm_precond
+import uvit
+from models import edm_precond
+from uvit import ImageDenoiser
 from sampling import diffuse
 
 NUM_CLASSES = 10
@@ -89,8 +91,8 @@ def test_shapes(size, channels, model8):
 
 
 def test_stages_per_size():
-    assert {s: models._num_stages(s) for s in (8, 16, 28, 32, 64)} == {8: 1, 16: 1, 28: 2, 32: 2, 64: 3}
-    assert models._stage_channels(64, 1) == [32, 64] and models._stage_channels(64, 3) == [16, 16, 32, 64]
+    assert {s: uvit._num_stages(s) for s in (8, 16, 28, 32, 64)} == {8: 1, 16: 1, 28: 2, 32: 2, 64: 3}
+    assert uvit._stage_channels(64, 1) == [32, 64] and uvit._stage_channels(64, 3) == [16, 16, 32, 64]
     for size, side in BOTTLENECK_SIDE.items():
         model = eqx.filter_eval_shape(ImageDenoiser, size, 1, width=16, depth=1, key=jr.key(0))
         assert model.features_shape() == (side, side, 16)
@@ -238,8 +240,8 @@ def test_overfit_smoke(base8):
 
 @pytest.mark.parametrize("kernel, padding", [(3, 1), (1, 0)])
 def test_conv_equals_equinox_conv2d(kernel, padding):
-    """models.Conv (shifted copies + einsum, fast inside lax.scan on CPU) computes eqx.nn.Conv2d exactly."""
-    from models import Conv  # noqa: PLC0415
+    """uvit.Conv (shifted copies + einsum, fast inside lax.scan on CPU) computes eqx.nn.Conv2d exactly."""
+    from uvit import Conv  # noqa: PLC0415
 
     conv = Conv(3, 5, kernel, padding=padding, key=jr.key(0))
     x = jr.normal(jr.key(1), (3, 8, 8))

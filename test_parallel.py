@@ -24,7 +24,8 @@ from jax.sharding import PartitionSpec as P
 
 import mmd
 import parallel
-from models import ImageDenoiser, MLPDenoiser
+from models import MLPDenoiser
+from uvit import ImageDenoiser
 from sampling import Schedule
 
 N_DEV, B = 8, 64

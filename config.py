@@ -1,0 +1,240 @@
+"""What `python train.py` runs: the `Config` of a run, the presets, and the command line that selects them.
+
+`Config` holds every setting of a run (data, teacher, methods, step counts, learning rates) and checks them
+when built, so a bad value stops the run before anything is trained or written. `PRESETS` (toy data) and
+`IMAGE_PRESETS` (digits, npz) are the named starting points; `parse` turns the command line into a
+`Config` and an output directory, with a one-line error naming any bad value.
+"""
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import data as D
+import mmd
+import sampling
+import tasks
+
+DESCRIPTION = "`python train.py`: train a teacher, distil students with each algorithm, measure them against the truth."
+
+METHODS = ("mm_alternating", "mm_instant", "dmd2")
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Defaults of the default run (ring8, trained teacher, MM k = 8, DMD2 k = 1 and 4)."""
+
+    data: str = "ring8"  # ring8 | gauss | gmm | digits | npz:PATH
+    dim: Optional[int] = None  # data dimension for gauss / gmm (None: their defaults, 8 / 16)
+    teacher: str = "trained"  # trained (MLP) | exact (closed-form denoiser; students regressed onto it)
+    methods: tuple = METHODS
+    mm_steps: tuple = (8,)  # k for mm_alternating and mm_instant
+    dmd2_steps: tuple = (1, 4)  # k for dmd2
+    seed: int = 0
+    zs_sampling: str = "posterior"  # posterior | marginal (Sec. 5.2)
+    weighting: str = "auto"  # auto (flat for k <= 2, else edm; Sec. 3.3) | edm | flat | dmd
+    instant_weighting: str = "same"  # Algorithm 3's w(s): same (as `weighting`) | auto | edm | flat | dmd
+    ttur: int = 5  # DMD2 critic updates per generator update
+    gan: bool = True
+    backward_sim: bool = True
+    per_step_critic: bool = True  # DMD2, k > 1: a fake score per generator step (see README, DMD2 with several steps)
+    dmd2_grid: str = "official"  # DMD2 generator's step times: official (DMD2's 999/749/499/249, by log-SNR) | uniform
+    dmd2_times: Optional[tuple] = None  # DMD2: explicit step times, one tuple per k (overrides dmd2_grid for that k)
+    ablations: bool = False  # also run the marginal-z_s and no-GAN variants (claims table)
+    batch: int = 256
+    width: int = 128
+    depth: int = 3
+    teacher_steps: int = 8000
+    teacher_lr: float = 2e-3
+    teacher_ema: float = 0.0  # decay of the teacher's weight average (0: none, the last weights); see TeacherState
+    mm_train_steps: int = 3000
+    mm_lr: float = 1e-4
+    instant_lr: float = 3e-4
+    precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
+    instant_eq10: bool = True  # subtract the teacher's expected gradient on real data from nu (Eq. 10)
+    nu_decay: float = 0.97  # EMA of Algorithm 3's nu over updates (0: one batch, as printed)
+    data_grad_batches: int = 1000  # real batches averaged, once, for Eq. 10's data term (its error is a fixed bias)
+    nu_batch_mult: int = 2  # Algorithm 3's B' (the batch that gives nu) as a multiple of the batch B
+    dmd2_train_steps: int = 1000
+    dmd2_lr: float = 3e-4
+    dmd2_lr_decay: bool = False  # the generator's learning rate decays along a cosine to 0 (the critic's stays)
+    gan_gen_weight: float = 3e-3  # DMD2: weight of the generator's GAN loss (official ImageNet-64: 3e-3)
+    dmd2_ema: float = 0.99  # decay of the DMD2 generator's weight average, which is sampled (0: the last weights)
+    teacher_ks: tuple = (1, 2, 4, 8, 1000)
+    n_samples: int = 10_000
+    chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
+    # images
+    image_width: int = 64
+    image_depth: int = 2
+    guidance: float = 0.0  # classifier-free guidance scale of the teacher (0: none)
+    p_uncond: float = 0.1  # label dropout when training a class-conditional teacher
+    classifier_cache: str = "runs/digits_classifier.eqx"
+
+    def __post_init__(self):
+        if not 0 <= self.guidance < float("inf"):
+            raise ValueError(f"guidance scale must be a finite number >= 0; got {self.guidance}")
+        if tasks.is_image_data(self.data):
+            if self.data.startswith("npz:") and not Path(self.data[4:]).is_file():
+                raise ValueError(f"--data {self.data}: no such file")
+            if self.teacher != "trained":
+                raise ValueError("--teacher exact needs toy data (ring8, gauss, gmm): images have no closed form")
+            if self.dim is not None:
+                raise ValueError(f"--dim {self.dim}: only gauss and gmm take a dimension, not --data {self.data}")
+        else:
+            if self.dim is not None and (not isinstance(self.dim, int) or self.dim < 1):
+                raise ValueError(f"--dim must be an integer >= 1; got {self.dim!r}")
+            D.get_toy(self.data, self.dim)  # raises on unknown data
+            if self.guidance != 0:  # toy networks have no classes, hence no unconditional prediction to guide with
+                raise ValueError(f"--guidance {self.guidance} needs class-conditional images (digits, npz with labels)")
+        if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
+            raise ValueError(f"--seed must be an integer in 0..2**32 - 1; got {self.seed!r}")
+        for f in ("ttur", "batch", "width", "depth", "teacher_steps", "mm_train_steps", "dmd2_train_steps",
+                  "n_samples", "chunk", "image_width", "image_depth", "data_grad_batches", "nu_batch_mult"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"{f} must be an integer >= 1; got {v!r}")
+        for flag, xs in (("--methods", self.methods), ("--steps", self.mm_steps), ("--steps", self.dmd2_steps)):
+            if len(set(xs)) < len(xs):  # one checkpoint per phase name: a repeated phase would resume its twin
+                raise ValueError(f"{flag} lists a value twice: {','.join(map(str, xs))}")
+        if self.dmd2_grid not in ("official", "uniform"):
+            raise ValueError(f"unknown dmd2_grid {self.dmd2_grid!r}; choose 'official' or 'uniform'")
+        for times in self.dmd2_times or ():  # one tuple of input times per k; a k without one uses the uniform grid
+            if not isinstance(times, tuple) or not times:
+                raise ValueError(f"dmd2_times must be a tuple of tuples of step times; got {self.dmd2_times!r}")
+            sampling.check_step_times(times, len(times))
+        for f in ("teacher_ema", "dmd2_ema"):
+            if not 0.0 <= getattr(self, f) < 1.0:
+                raise ValueError(f"{f} (EMA decay) must be in [0, 1); got {getattr(self, f)}")
+        if self.teacher not in ("trained", "exact"):
+            raise ValueError(f"unknown teacher {self.teacher!r}; choose 'trained' or 'exact'")
+        for m in self.methods:
+            if m not in METHODS:
+                raise ValueError(f"--methods: unknown method {m!r}; choose from {METHODS}")
+        for k in self.mm_steps + self.dmd2_steps + self.teacher_ks:
+            if not isinstance(k, int) or k < 1:
+                raise ValueError(f"every k (number of sampling steps) must be an integer >= 1; got {k!r}")
+        mmd.MMConfig(weighting="edm" if self.weighting == "auto" else self.weighting, zs_sampling=self.zs_sampling)
+        if self.instant_weighting not in ("same", "auto"):
+            mmd.MMConfig(weighting=self.instant_weighting)
+        mmd.DMD2Config(ttur=self.ttur)
+        mmd.MMConfig(nu_decay=self.nu_decay)
+
+
+# Toy data: DMD2 trains 6,000 generator updates without its GAN term and samples the 0.999 weight average (README,
+# DMD2 table, three seeds on ring8, MMD^2 x 1e-3 at k = 1 / 4: 1,000 updates, average 0.99: 2.81 / 3.36; 3,000: 1.60 /
+# 1.58; 6,000 with 0.999: 1.17 / 1.29, and the one-step generator's off-mode mass fell from 3.6-5.0% to 2.6-2.8%;
+# without the GAN it was better on every seed at 1,000 updates, level at 3,000, and 2.6x cheaper). Images keep the
+# GAN; smoke exercises it.
+TOY_DMD2 = dict(gan=False, dmd2_train_steps=6000, dmd2_ema=0.999)
+PRESETS = {
+    "default": Config(**TOY_DMD2),
+    "smoke": Config(width=32, depth=2, batch=128, teacher_steps=300, mm_train_steps=100, dmd2_train_steps=40,
+                    mm_steps=(4,), dmd2_steps=(1, 2), teacher_ks=(1, 2, 4, 8, 1000), chunk=50, n_samples=2000),
+    "full": Config(mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True, **TOY_DMD2),
+}
+# Images (digits, npz:PATH): smaller batches of a larger network; 898 samples, the size of the FD reference.
+# default: a CPU run. lr 3e-3 instead of 1e-3 took a 2,000-step teacher's FD from 50 to 31, a weight average only
+# lagged behind it (EMA 0.99 no better, 0.999 worse), and 8,000 steps take its class accuracy from 0.42 to 0.87; with
+# 600 MM updates, mm_lr 1e-3 gave alternating k = 8 FD 9.5 against 26.6 / 22.7 / 11.2 at 1e-4 / 3e-4 / 2e-3 (README).
+IMAGE_PRESETS = {
+    "default": Config(data="digits", batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=600, mm_lr=1e-3,
+                      dmd2_train_steps=100, dmd2_ema=0.0, dmd2_steps=(1,), teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898,
+                      chunk=100, data_grad_batches=100, nu_batch_mult=1, instant_weighting="flat"),
+    # dmd2_ema 0: 100 updates are too few for a 0.99 average (not measured on digits). Instant MM on digits (README,
+    # one run each, FD): flat weighting 5.14 against EDM's 38.0 (alternating MM: EDM 9.51, flat 11.9); 1,000
+    # data-term batches 39.8 and B' = 2B 37.2 against 38.0 with 100 and B' = B (both with EDM weighting).
+    "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
+                    dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8), n_samples=200, chunk=20,
+                    teacher_ema=0.9),
+    # For one GPU (not measured in the session that set it; see README): a teacher trained 15x longer, every method
+    # at k = 1, 2, 4, 8, the ablations, and the teacher's samplers at more step counts for metric_vs_nfe.png.
+    "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
+                   mm_train_steps=3000, dmd2_train_steps=1000, teacher_ks=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+                   n_samples=898, chunk=1000, mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True,
+                   instant_weighting="flat"),
+}
+
+
+def parse(argv=None):
+    """`(config, output directory, max chunks)` from the command line; bad input exits 2 with a one-line
+    `error:` naming the value, before anything is written (`--overwrite` deletes only after all checks)."""
+    p = argparse.ArgumentParser(description=DESCRIPTION, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", default="default", help=f"one of {sorted(PRESETS)}")
+    p.add_argument("--data", help="ring8 | gauss | gmm | digits | npz:PATH (images (N,H,W,C), optional labels)")
+    p.add_argument("--dim", type=int, help="data dimension of gauss / gmm")
+    p.add_argument("--teacher", help="trained | exact")
+    p.add_argument("--methods", help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--steps", help="comma-separated k values for every method (e.g. 1,2,4,8)")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--zs-sampling", dest="zs_sampling", help="posterior | marginal (Sec. 5.2)")
+    p.add_argument("--weighting", help="auto | edm | flat | dmd")
+    p.add_argument("--ttur", type=int, help="DMD2 critic updates per generator update")
+    p.add_argument("--guidance", type=float, help="classifier-free guidance scale of the teacher (images; 0 = none)")
+    p.add_argument("--gan", dest="gan", action="store_true", default=None,
+                   help="DMD2 with its GAN term (the default for images; toy data default to --no-gan, see README)")
+    p.add_argument("--no-gan", dest="gan", action="store_false", default=None)
+    p.add_argument("--no-backward-sim", dest="backward_sim", action="store_false", default=None)
+    p.add_argument("--out", help="output directory (default runs/<data>-<timestamp>)")
+    p.add_argument("--resume", help="continue the run in this directory with its saved config")
+    p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
+    p.add_argument("--max-chunks", type=int, help="stop cleanly after this many training chunks (tests resume)")
+    a = p.parse_args(argv)
+    if a.max_chunks is not None and a.max_chunks < 1:
+        p.error(f"--max-chunks must be >= 1; got {a.max_chunks}")
+    if a.resume is not None:
+        out = Path(a.resume)
+        ignored = [k for k, v in vars(a).items() if v != p.get_default(k) and k not in ("resume", "max_chunks")]
+        if ignored:
+            names = {"gan": "gan" if a.gan else "no-gan", "backward_sim": "no-backward-sim"}
+            p.error(f"--resume {out} continues with its saved config.json; drop "
+                    f"{', '.join('--' + names.get(k, k.replace('_', '-')) for k in ignored)}")
+        if not (out / "config.json").exists():
+            p.error(f"--resume {out}: no config.json there, so no run to resume")
+        try:
+            fields = json.loads((out / "config.json").read_text())
+            cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
+            p.error(f"--resume {out}: bad config.json: {e}")
+        return cfg, out, a.max_chunks
+    presets = IMAGE_PRESETS if a.data and tasks.is_image_data(a.data) else PRESETS
+    if a.preset not in presets:
+        p.error(f"unknown preset {a.preset!r}; choose one of {sorted(presets)}")
+    over = {k: getattr(a, k) for k in ("data", "dim", "teacher", "seed", "zs_sampling", "weighting", "ttur", "gan",
+                                       "backward_sim", "guidance") if getattr(a, k) is not None}
+    if a.methods is not None:
+        over["methods"] = tuple(m.strip() for m in a.methods.split(","))
+    if a.steps is not None:
+        try:
+            ks = tuple(int(k) for k in a.steps.split(","))
+        except ValueError:
+            p.error(f"--steps must be comma-separated integers >= 1; got {a.steps!r}")
+        over.update(mm_steps=ks, dmd2_steps=ks)
+    try:
+        cfg = dataclasses.replace(presets[a.preset], **over)
+        # read the file now, so that a bad one stops the run before --overwrite deletes anything
+        if cfg.data.startswith("npz:") and D.load_npz(cfg.data[4:])[1] is None and cfg.guidance:
+            raise ValueError(f"--guidance {cfg.guidance} needs labels; {cfg.data} has none")
+    except ValueError as e:
+        p.error(str(e))
+    out = Path(a.out or f"runs/{cfg.data}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a directory")
+    if out.exists() and any(out.iterdir()) and not a.overwrite:
+        p.error(f"--out {out} exists and is not empty; pass --resume {out} to continue it or --overwrite")
+    if a.overwrite and out.exists():  # a fresh run: old checkpoints would otherwise be resumed
+        shutil.rmtree(out / "checkpoints", ignore_errors=True)
+        for f in ("report.md", "report.json", "samples.npz", "samples_ablations.npz", "samples.png", "losses.png",
+                  "metric_vs_nfe.png"):
+            (out / f).unlink(missing_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as e:
+        p.error(f"cannot write to --out {out}: {e}")
+    return cfg, out, a.max_chunks

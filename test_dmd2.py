@@ -1,0 +1,183 @@
+"""Property tests of DMD2 (losses.dmd_loss, mmd.dmd2_step) on Gaussian data: the distribution-matching gradient
+against the KL between Gaussians, the per-step critic, backward simulation's re-noising to the given step times,
+one optimiser per player and the official step times. Each check has a companion that a wrong variant fails.
+"""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import optax
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import losses as L
+import mmd
+from models import GaussianDenoiser, MLPDenoiser
+from sampling import karras_grid_time, sample
+from test_losses import SCHED, Z, _data, random_cov, tree_vec
+
+# ----------------------------------------------------------------------------------------------
+# DMD2: distribution matching with analytic real and fake denoisers.
+
+
+class GaussGen(eqx.Module):
+    """One-step generator x = m + a z_1, so its law is N(m, a^2 I) and its exact denoiser is known."""
+
+    m: jax.Array
+    a: jax.Array
+
+    def __call__(self, z, t):
+        return self.m + self.a * z
+
+
+def kl_gauss(m, a, mu, cov):
+    """KL(N(m, a^2 I) || N(mu, cov))."""
+    d, prec = m.size, np.linalg.inv(cov)
+    diff = mu - m
+    return 0.5 * (a**2 * np.trace(prec) + diff @ prec @ diff - d + np.linalg.slogdet(cov)[1] - d * np.log(a**2))
+
+
+def dmd_grad(gen, real, key, n=20_000, sign=1.0):
+    k1, k2, k3 = jr.split(key, 3)
+    z1 = jr.normal(k1, (n, gen.m.size))
+    t = karras_grid_time(SCHED, k2, (n,))
+    fake = GaussianDenoiser(gen.m, float(gen.a) ** 2 * np.eye(gen.m.size))
+
+    def loss(g):
+        x = L.apply(g, z1, jnp.ones(n))
+        real_, fake_ = (real, fake) if sign > 0 else (fake, real)
+        return L.dmd_loss(x, real_, fake_, SCHED, t, jr.normal(k3, x.shape))
+
+    return eqx.filter_grad(loss)(gen)
+
+
+@given(seed=st.integers(0, 1000))
+def test_dmd_gradient_reduces_kl(seed):
+    rng = np.random.default_rng(seed)
+    mu, cov = rng.normal(size=2), random_cov(rng, 2, 0.3, 1.0)
+    real = GaussianDenoiser(mu, cov)
+    gen = GaussGen(jnp.asarray(mu + rng.normal(size=2), jnp.float32), jnp.float32(rng.uniform(0.2, 2.0)))
+    kl = lambda g: kl_gauss(np.asarray(g.m, np.float64), float(g.a), mu, cov)
+    for sign, better in ((1.0, True), (-1.0, False)):  # the flipped sign must fail
+        g = dmd_grad(gen, real, jr.key(seed), sign=sign)
+        step = 0.05 / float(jnp.sqrt(jnp.sum(g.m**2) + g.a**2))
+        new = GaussGen(gen.m - step * g.m, gen.a - step * g.a)
+        assert (kl(new) < kl(gen)) == better
+
+
+def test_dmd_gradient_is_zero_when_fake_equals_real():
+    real = GaussianDenoiser(jnp.array([0.3, -0.2]), 0.49 * jnp.eye(2))
+    g = dmd_grad(GaussGen(jnp.array([0.3, -0.2]), jnp.float32(0.7)), real, jr.key(0))
+    assert float(jnp.max(jnp.abs(tree_vec(g)))) < 1e-6
+
+
+# ----------------------------------------------------------------------------------------------
+# The per-step critic, backward simulation's step times, the optimisers, the official grid.
+
+
+def test_per_step_critic_trains_only_the_drawn_copy():
+    """With `per_step_critic`, each critic update changes exactly one of the k critic copies (plain SGD)."""
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    cfg, opt = mmd.DMD2Config(k=3, ttur=1, gan=True, per_step_critic=True), optax.sgd(1e-2)
+    state = mmd.init_dmd2(net, jr.key(1), opt, cfg, 16)
+    new, _ = mmd.dmd2_step(state, net, _data(jr.key(2), 32)[None], jr.key(3), cfg=cfg, optimiser=opt, schedule=SCHED)
+    before, after = (eqx.filter(s.critic.model, eqx.is_array) for s in (state, new))
+    changed = [any(bool(jnp.any(a[i] != b[i])) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+               for i in range(cfg.k)]
+    assert sum(changed) == 1, changed
+
+
+
+N_GI, TIMES4 = 20_000, (1.0, 0.9, 0.7, 0.45)
+
+
+def _backsim_inputs(times):
+    """DMD2 backward-simulation inputs `z` and their steps' times for a generator that always outputs `c`."""
+    c = jnp.array([3.0, -2.0])
+    gen = lambda z, t: c + 0.0 * z
+    z, t_j = mmd.generator_input(gen, SCHED, jnp.zeros((N_GI, 2)), jr.key(0), mmd.DMD2Config(k=4, times=times))
+    return c, np.asarray(z), np.asarray(t_j)
+
+
+def _standardised_max_z(c, z, t_j, times):
+    """Largest |z-score| of the mean and variance of `(z - alpha c) / sigma` per step, alpha, sigma at `times[j]`."""
+    worst = 0.0
+    for j, t in enumerate(times):
+        sel = np.isclose(t_j, t)
+        alpha, sigma = (float(a) for a in SCHED.alpha_sigma(jnp.float32(t)))
+        u = (z[sel] - alpha * np.asarray(c)) / sigma
+        n = len(u)
+        worst = max(worst, np.abs(u.mean(0)).max() * np.sqrt(n), np.abs(u.var(0) - 1).max() / np.sqrt(2 / n))
+    return worst
+
+
+def test_backward_simulation_renoises_to_the_given_step_times():
+    """`DMD2Config.times`: step j's input is `alpha_tj c + sigma_tj eps` for a generator that outputs c, with t_j
+    the j-th given time (mean and variance of the standardised input within Z standard errors of 0 and 1, per step),
+    each step drawn about 1/k of the time; the same check with the uniform grid's inputs fails."""
+    c, z, t_j = _backsim_inputs(TIMES4)
+    assert np.all(np.isclose(t_j[:, None], np.asarray(TIMES4)).any(1))
+    counts = np.array([np.isclose(t_j, t).sum() for t in TIMES4])
+    assert np.all(np.abs(counts / N_GI - 0.25) < Z * np.sqrt(0.25 * 0.75 / N_GI)), counts
+    assert _standardised_max_z(c, z, t_j, TIMES4) < Z
+    c, z_uniform, t_uniform = _backsim_inputs(None)
+    step = np.round((1 - t_uniform) * 4).astype(int)  # j of each example on the uniform grid
+    assert _standardised_max_z(c, z_uniform, np.asarray(TIMES4)[step], TIMES4) > Z
+
+
+def test_sampler_runs_on_the_given_step_times():
+    """`sample(..., times=...)`: the uniform grid given explicitly matches the default; the returned x_hat is the
+    last step's (a denoiser that outputs its time returns times[-1]); bad grids are refused, naming them."""
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    for step in ("ancestral", "marginal"):
+        a = sample(net, SCHED, jr.key(1), (64, 2), 4, step)
+        b = sample(net, SCHED, jr.key(1), (64, 2), 4, step, times=(1.0, 0.75, 0.5, 0.25))
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    out = sample(lambda z, t: z * 0 + t, SCHED, jr.key(1), (8, 2), 3, "marginal", times=(1.0, 0.6, 0.35))
+    np.testing.assert_allclose(out, 0.35, rtol=1e-6)
+    for bad in ((1.0, 0.5), (1.0, 0.5, 0.7), (1.2, 0.5, 0.2), (1.0, 0.5, 0.0)):
+        with pytest.raises(ValueError, match="step times"):
+            sample(net, SCHED, jr.key(1), (8, 2), 3, "marginal", times=bad)
+        with pytest.raises(ValueError, match="step times"):
+            mmd.DMD2Config(k=3, times=bad)
+
+
+def test_dmd2_step_takes_one_optimiser_per_player():
+    """`optimiser=(generator's, critic's)`: a zero learning rate for the generator leaves it unchanged while the
+    critic trains, and the reverse; `mmd.dmd2_optimiser(decay_steps=n)` reaches learning rate 0 at update n."""
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    cfg, x = mmd.DMD2Config(k=2, ttur=1), _data(jr.key(2), 32)[None]
+    for frozen in ("generator", "critic"):
+        opts = (optax.sgd(0.0), optax.sgd(1e-2)) if frozen == "generator" else (optax.sgd(1e-2), optax.sgd(0.0))
+        state = mmd.init_dmd2(net, jr.key(1), opts, cfg, 16)
+        new, _ = mmd.dmd2_step(state, net, x, jr.key(3), cfg=cfg, optimiser=opts, schedule=SCHED)
+        for player in ("generator", "critic"):
+            a, b = (jax.tree.leaves(eqx.filter(getattr(s, player).model, eqx.is_array)) for s in (state, new))
+            same = all(bool(jnp.all(u == v)) for u, v in zip(a, b))
+            assert same == (player == frozen), (frozen, player)
+    for decay_steps, stopped in ((5, True), (None, False)):
+        opt, params = mmd.dmd2_optimiser(1e-2, warmup=2, decay_steps=decay_steps), jnp.ones(3)
+        state = opt.init(params)
+        for _ in range(6):  # updates 0..5; the last one runs at schedule count 5
+            upd, state = opt.update(jnp.ones(3), state, params)
+        assert bool(jnp.all(upd == 0)) == stopped, (decay_steps, upd)
+
+
+def test_dmd2_official_times_match_the_official_log_snr():
+    """`sampling.dmd2_official_times`: t_0 = 1 (pure noise) and, for j >= 1, this schedule's log-SNR at t_j equals SD's
+    scaled-linear log-SNR at DDPM step 999 - 250 j (k = 4) minus log(data variance); SD's last alpha-bar is the
+    known 0.0047 (a plain linear beta schedule gives 0.0016 and fails)."""
+    from sampling import dmd2_official_times, sd_logsnr
+
+    abar_last = 1.0 / (1.0 + np.exp(-sd_logsnr(999)))
+    assert abs(abar_last - 0.0047) < 0.0002
+    for var in (1.0, 2.0):
+        times = dmd2_official_times(SCHED, 4, var)
+        assert times[0] == 1.0 and all(a > b for a, b in zip(times, times[1:]))
+        lam = np.asarray(SCHED.logsnr(jnp.asarray(times[1:])))
+        np.testing.assert_allclose(lam, sd_logsnr([749, 499, 249]) - np.log(var), atol=2e-3)
+    assert dmd2_official_times(SCHED, 1) == (1.0,)
+    assert len(dmd2_official_times(SCHED, 8)) == 8

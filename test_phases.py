@@ -1,0 +1,167 @@
+"""Tests of single training phases: the weight averages (teacher and DMD2 generator) against their closed form, the
+batches Algorithm 3 draws, which w(s) each algorithm gets, and the Config checks of their counts. Each runs a
+phase of a few steps of the tiny configuration of `test_train.py`, with spies on what the phase saves or calls.
+"""
+
+import dataclasses
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jax.random as jr
+import numpy as np
+import pytest
+
+import train
+from test_train import TINY
+
+# ----------------------------------------------------------------------------------------------
+# The teacher's weight average (EMA).
+
+
+def ema_closed_form(params, d):
+    """`sum_i (1 - d) d^(n-i) p_i / (1 - d^n)` over the list `params` = [p_1, ..., p_n], in float64."""
+    n = len(params)
+    w = (1 - d) * d ** (n - 1 - np.arange(n)) / (1 - d**n)
+    return np.tensordot(w, np.stack([np.asarray(p, np.float64) for p in params]), 1)
+
+
+@pytest.mark.parametrize("d", [0.5, 0.99, 0.999])
+def test_ema_update_equals_closed_form(d):
+    """After n updates the running average is the bias-corrected EMA; non-float leaves follow the model. A plain
+    EMA started from the initial weights (no bias correction) is measurably different when d^n is not negligible
+    (d >= 0.99 with n = 50): the check bites."""
+    rng = np.random.default_rng(0)
+    params = [rng.normal(size=(3, 2)).astype(np.float32) for _ in range(50)]
+    init = (jnp.full((3, 2), 3.0), jnp.int32(-1))  # the initial weights: no part of the average
+    ema, plain = init, np.full((3, 2), 3.0)
+    for n, p in enumerate(params, 1):
+        ema = train.ema_update(ema, (jnp.asarray(p), jnp.int32(n)), d, jnp.int32(n))
+        plain = d * plain + (1 - d) * p
+    want = ema_closed_form(params, d)
+    np.testing.assert_allclose(np.asarray(ema[0]), want, rtol=1e-4, atol=1e-5)
+    assert int(ema[1]) == len(params)
+    assert d < 0.9 or np.abs(plain - want).max() > 1e-2  # the wrong variant fails the same check
+    one = train.ema_update(init, (jnp.asarray(params[0]), jnp.int32(1)), d, jnp.int32(1))
+    np.testing.assert_array_equal(np.asarray(one[0]), params[0])  # n = 1: the average is p_1 exactly
+
+
+def test_teacher_phase_keeps_the_ema_of_its_weights(tmp_path):
+    """`train_teacher` with teacher_ema = d: its `.model` is the closed-form EMA of the weights after each step, the
+    optimiser state still holds exactly one Adam state (instant MM's preconditioner), and with d = 0 no average."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, teacher_steps=6, chunk=1, teacher_ema=0.7)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    seen, real_save = [], train.Run.save_phase
+
+    def spy(self, name, state, *args):
+        seen.append(eqx.filter(state.player.model, eqx.is_inexact_array))
+        return real_save(self, name, state, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.Run, "save_phase", spy)
+        state, history, _ = train.train_teacher(train.Run(tmp_path / "a"), cfg, task, mesh, jr.key(0))
+    assert len(seen) == 6 and int(state.count) == 6 and len(history["loss"]) == 6
+    got = jax.tree.leaves(eqx.filter(state.model, eqx.is_inexact_array))
+    for i, leaf in enumerate(got):
+        want = ema_closed_form([jax.tree.leaves(p)[i] for p in seen], 0.7)
+        np.testing.assert_allclose(np.asarray(leaf), want, rtol=1e-4, atol=1e-6)
+    assert not np.allclose(np.asarray(got[-1]), np.asarray(jax.tree.leaves(seen[-1])[-1]))  # not the last weights
+    assert train.mmd.preconditioner_from_adam(state.player.opt_state) is not None
+
+    off, _, _ = train.train_teacher(train.Run(tmp_path / "b"), dataclasses.replace(cfg, teacher_ema=0.0), task, mesh,
+                                    jr.key(0))
+    assert off.ema is None and off.model is off.player.model
+
+
+def test_dmd2_phase_returns_the_ema_of_its_generator(tmp_path):
+    """A DMD2 phase with dmd2_ema = d returns the closed-form EMA of the generator's weights after each update (not
+    the last weights); with d = 0 it returns the last weights. The average does not change the training."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, dmd2_train_steps=5, chunk=1, dmd2_ema=0.7)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    seen, real_save = [], train.Run.save_phase
+
+    def spy(self, name, state, *args):
+        seen.append(eqx.filter(state.state.generator.model if isinstance(state, train.Averaged)
+                               else state.generator.model, eqx.is_inexact_array))
+        return real_save(self, name, state, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.Run, "save_phase", spy)
+        model, _, _ = train.distil(train.Run(tmp_path / "a"), cfg, "dmd2_k1", "dmd2", 1, {}, task, net, net, None,
+                                   mesh, jr.key(1))
+        last, _, _ = train.distil(train.Run(tmp_path / "b"), dataclasses.replace(cfg, dmd2_ema=0.0), "dmd2_k1",
+                                  "dmd2", 1, {}, task, net, net, None, mesh, jr.key(1))
+    averaged, plain = seen[:5], seen[5:]
+    assert len(plain) == 5
+    for a, b in zip(jax.tree.leaves(averaged), jax.tree.leaves(plain)):  # the same training with and without it
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    got = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
+    for i, leaf in enumerate(got):
+        np.testing.assert_allclose(np.asarray(leaf), ema_closed_form([jax.tree.leaves(p)[i] for p in averaged], 0.7),
+                                   rtol=1e-4, atol=1e-6)
+    last_leaves = [np.asarray(x) for x in jax.tree.leaves(eqx.filter(last, eqx.is_inexact_array))]
+    for a, b in zip(last_leaves, jax.tree.leaves(plain[-1])):
+        np.testing.assert_array_equal(a, np.asarray(b))
+    assert max(np.abs(np.asarray(g) - b).max() for g, b in zip(got, last_leaves)) > 1e-6  # the average is not the last
+
+
+@pytest.mark.parametrize("mult", [1, 3])
+def test_instant_phase_draws_b_and_b_prime(mult):
+    """Algorithm 3's update gets a batch B and an independent batch B' = nu_batch_mult x B (which gives nu)."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, nu_batch_mult=mult, data_grad_batches=2)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    sizes, real_step = [], train.mmd.instant_step
+
+    def spy(state, teacher, precond, x, x_prime, *args, **kw):
+        sizes.append((x.shape[0], x_prime.shape[0]))
+        return real_step(state, teacher, precond, x, x_prime, *args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.mmd, "instant_step", spy)
+        state, step, _ = train.distil_setup(cfg, "mm_instant", 2, {}, task, net, net, precond, mesh)
+        step(state, jr.key(0))
+    assert sizes == [(cfg.batch, mult * cfg.batch)]
+
+
+@pytest.mark.parametrize("instant, want", [("same", "edm"), ("flat", "flat"), ("auto", "flat")])
+def test_instant_weighting_applies_to_algorithm_3_only(instant, want):
+    """`Config.instant_weighting` sets Algorithm 3's w(s) (and its data term's); Algorithm 2 keeps `weighting`."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, weighting="edm", instant_weighting=instant, data_grad_batches=2)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    seen = {}
+
+    def spy(name, real):
+        def fn(*args, cfg, **kw):
+            seen[name] = cfg.weighting
+            return real(*args, cfg=cfg, **kw)
+        return fn
+
+    with pytest.MonkeyPatch.context() as mp:
+        for name in ("instant_step", "alternating_step"):
+            mp.setattr(train.mmd, name, spy(name, getattr(train.mmd, name)))
+        mp.setattr(train, "data_moment", lambda cfg, task, teacher, w: seen.setdefault("data_moment", w) and None)
+        for method in ("mm_instant", "mm_alternating"):
+            state, step, _ = train.distil_setup(cfg, method, 2, {}, task, net, net, precond, mesh)
+            step(state, jr.key(0))
+    assert seen == {"instant_step": want, "data_moment": want, "alternating_step": "edm"}
+    with pytest.raises(ValueError, match="unknown weighting 'bogus'"):
+        dataclasses.replace(TINY, instant_weighting="bogus")
+
+
+@pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps"])
+def test_config_rejects_counts_below_one(field):
+    with pytest.raises(ValueError, match=f"{field} must be an integer >= 1; got 0"):
+        dataclasses.replace(TINY, **{field: 0})
