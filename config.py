@@ -54,6 +54,7 @@ class Config:
     mm_train_steps: int = 3000
     mm_lr: float = 1e-4
     instant_lr: float = 3e-4
+    mm_ema: float = 0.0  # decay of the MM students' weight average, which is then sampled (0: the last weights, as the paper)
     precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
     instant_eq10: bool = True  # subtract the teacher's expected gradient on real data from nu (Eq. 10)
     nu_decay: float = 0.97  # EMA of Algorithm 3's nu over updates (0: one batch, as printed)
@@ -106,7 +107,7 @@ class Config:
             if not isinstance(times, tuple) or not times:
                 raise ValueError(f"dmd2_times must be a tuple of tuples of step times; got {self.dmd2_times!r}")
             sampling.check_step_times(times, len(times))
-        for f in ("teacher_ema", "dmd2_ema"):
+        for f in ("teacher_ema", "dmd2_ema", "mm_ema"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ValueError(f"{f} (EMA decay) must be in [0, 1); got {getattr(self, f)}")
         if self.teacher not in ("trained", "exact"):

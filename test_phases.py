@@ -75,27 +75,31 @@ def test_teacher_phase_keeps_the_ema_of_its_weights(tmp_path):
     assert off.ema is None and off.model is off.player.model
 
 
-def test_dmd2_phase_returns_the_ema_of_its_generator(tmp_path):
-    """A DMD2 phase with dmd2_ema = d returns the closed-form EMA of the generator's weights after each update (not
-    the last weights); with d = 0 it returns the last weights. The average does not change the training."""
+@pytest.mark.parametrize("method, k, field", [("dmd2", 1, "dmd2_ema"), ("mm_alternating", 2, "mm_ema"),
+                                              ("mm_instant", 2, "mm_ema")])
+def test_student_phase_returns_the_ema_of_its_weights(method, k, field, tmp_path):
+    """A student phase with its weight average at decay d (DMD2: dmd2_ema, MM: mm_ema) returns the closed-form EMA
+    of the student's weights after each update (not the last weights); with d = 0 it returns the last weights. The
+    average does not change the training."""
     import tasks  # noqa: PLC0415
 
-    cfg = dataclasses.replace(TINY, dmd2_train_steps=5, chunk=1, dmd2_ema=0.7)
+    cfg = dataclasses.replace(TINY, dmd2_train_steps=5, mm_train_steps=5, chunk=1, data_grad_batches=2, **{field: 0.7})
     task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
     net = train.teacher_setup(cfg, task, mesh)[0].model
     seen, real_save = [], train.Run.save_phase
 
     def spy(self, name, state, *args):
-        seen.append(eqx.filter(state.state.generator.model if isinstance(state, train.Averaged)
-                               else state.generator.model, eqx.is_inexact_array))
+        inner = state.state if isinstance(state, train.Averaged) else state
+        seen.append(eqx.filter(train.student(inner), eqx.is_inexact_array))
         return real_save(self, name, state, *args)
 
+    name = f"{method}_k{k}"
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train.Run, "save_phase", spy)
-        model, _, _ = train.distil(train.Run(tmp_path / "a"), cfg, "dmd2_k1", "dmd2", 1, {}, task, net, net, None,
+        model, _, _ = train.distil(train.Run(tmp_path / "a"), cfg, name, method, k, {}, task, net, net, None,
                                    mesh, jr.key(1))
-        last, _, _ = train.distil(train.Run(tmp_path / "b"), dataclasses.replace(cfg, dmd2_ema=0.0), "dmd2_k1",
-                                  "dmd2", 1, {}, task, net, net, None, mesh, jr.key(1))
+        last, _, _ = train.distil(train.Run(tmp_path / "b"), dataclasses.replace(cfg, **{field: 0.0}), name,
+                                  method, k, {}, task, net, net, None, mesh, jr.key(1))
     averaged, plain = seen[:5], seen[5:]
     assert len(plain) == 5
     for a, b in zip(jax.tree.leaves(averaged), jax.tree.leaves(plain)):  # the same training with and without it
@@ -165,3 +169,10 @@ def test_instant_weighting_applies_to_algorithm_3_only(instant, want):
 def test_config_rejects_counts_below_one(field):
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1; got 0"):
         dataclasses.replace(TINY, **{field: 0})
+
+
+@pytest.mark.parametrize("field", ["teacher_ema", "dmd2_ema", "mm_ema"])
+@pytest.mark.parametrize("decay", [-0.1, 1.0, float("nan")])
+def test_config_rejects_ema_decay_outside_0_1(field, decay):
+    with pytest.raises(ValueError, match=rf"{field} \(EMA decay\) must be in \[0, 1\); got {decay}"):
+        dataclasses.replace(TINY, **{field: decay})

@@ -146,26 +146,32 @@ def ema_update(ema, model, decay, n):
 
 
 class Averaged(eqx.Module):
-    """A DMD2 state and the running average of its generator's weights (checkpointed together, so resume is exact).
+    """A student's training state and the running average of its weights (checkpointed together, so resume is exact).
 
     DMD2's generator and critic play a game at a constant learning rate, and the last weights swing from update
     to update; averaging the iterates is the usual cure (the official code trains 100x longer at a 100x smaller
     rate and keeps no average). The README's DMD2 table measured it on three seeds before it became the default.
+    Moment matching students can be averaged too (`Config.mm_ema`; the paper keeps none, and neither do we by default).
     """
 
-    state: eqx.Module  # mmd.DMD2State
-    ema: eqx.Module  # bias-corrected EMA of state.generator.model
+    state: eqx.Module  # mmd.DMD2State, AlternatingState or InstantState
+    ema: eqx.Module  # bias-corrected EMA of student(state)
     count: jax.Array  # () int32, updates averaged into `ema`
 
 
+def student(state):
+    """The network a distillation state samples with: Algorithm 3's student, else the generator (Algorithm 2, DMD2)."""
+    return state.student.model if isinstance(state, mmd.InstantState) else state.generator.model
+
+
 def averaged(step, decay):
-    """`step(state, key) -> (state, metrics)` of a DMD2 state, as a step of `Averaged` that also updates the
-    average of the generator's weights (`ema_update`). The training itself is unchanged."""
+    """`step(state, key) -> (state, metrics)` of a distillation state, as a step of `Averaged` that also updates
+    the average of the student's weights (`ema_update`). The training itself is unchanged."""
 
     def fn(s: Averaged, key):
         inner, metrics = step(s.state, key)
         n = s.count + 1
-        return Averaged(inner, ema_update(s.ema, inner.generator.model, decay, n), n), metrics
+        return Averaged(inner, ema_update(s.ema, student(inner), decay, n), n), metrics
 
     return fn
 
@@ -225,9 +231,7 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
         step = with_labels(lambda st, kk, x, lab: mmd.dmd2_step(
             st, teacher, x.reshape(dcfg.ttur, b, *x.shape[1:]), kk, cfg=dcfg, optimiser=opt, schedule=sched,
             label=None if lab is None else lab.reshape(dcfg.ttur, b)), task, dcfg.ttur * b, mesh)
-        num = c.dmd2_train_steps
-        if c.dmd2_ema > 0:
-            state, step = Averaged(state, state.generator.model, jnp.int32(0)), averaged(step, c.dmd2_ema)
+        num, decay = c.dmd2_train_steps, c.dmd2_ema
     else:
         weighting = c.instant_weighting if method == "mm_instant" and c.instant_weighting != "same" else c.weighting
         weighting = weighting if weighting != "auto" else ("flat" if k <= 2 else "edm")
@@ -250,6 +254,9 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
                 st, teacher, precond, x[:b], x[b:], kk, cfg=mcfg, optimiser=opt, schedule=sched,
                 label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:],
                 data_grad=data_grad), task, (1 + c.nu_batch_mult) * b, mesh)
+        decay = c.mm_ema
+    if decay > 0:
+        state, step = Averaged(state, student(state), jnp.int32(0)), averaged(step, decay)
     return parallel.replicate(state, mesh), step, num
 
 
@@ -257,10 +264,8 @@ def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teach
     """One distillation phase: its student network, loss history and training seconds."""
     state, step, num = distil_setup(cfg, method, k, overrides, task, teacher, net, precond, mesh)
     state, history, seconds = run_phase(run, name, state, step, num, key, cfg.chunk, phase_fields(cfg, name, overrides))
-    if isinstance(state, Averaged):  # DMD2 with cfg.dmd2_ema > 0: the weight average is the student
-        return state.ema, history, seconds
-    model = state.student.model if method == "mm_instant" else state.generator.model
-    return model, history, seconds
+    # with a weight average (cfg.dmd2_ema, cfg.mm_ema > 0) the average is the student
+    return state.ema if isinstance(state, Averaged) else student(state), history, seconds
 
 
 def auxiliary_start(cfg: Config, task: tasks.Task, net):
