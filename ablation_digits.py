@@ -1,13 +1,15 @@
 """The digits ablation of the README: one change at a time to one student of the CPU digits teacher, several seeds.
 
-    python ablation_digits.py METHOD K SEEDS [name=value ...]
+    python ablation_digits.py [--preset full] METHOD K SEEDS [name=value ...]
     e.g.  python ablation_digits.py mm_instant 8 0,1,2 instant_weighting=edm
           python ablation_digits.py dmd2 4 0,1 dmd2_train_steps=1000 dmd2_ema=0.99
+          python ablation_digits.py --preset full mm_instant 8 0
 
 METHOD is one of `train.METHODS`, or `teacher` (the teacher's own K-step ancestral sampler: the reference row),
-K its number of steps, `name=value` overrides of `train.IMAGE_PRESETS["default"]` (any Config field; the value
-is read as the field's type, booleans as 0/1). The teacher is the default digits
-teacher of `python train.py --data digits` (seed 0), trained once and cached in runs/ablation/digits_s0/. SEEDS
+K its number of steps, `name=value` overrides of `train.IMAGE_PRESETS[PRESET]` (PRESET `default` unless
+`--preset` names another; any Config field; the value is read as the field's type, booleans as 0/1). The teacher
+is that preset's digits teacher of `python train.py --data digits --preset PRESET` (seed 0), trained once and
+cached in runs/ablation/digits_s0/ (default) or runs/ablation/digits_PRESET_s0/. SEEDS
 are the student's: seed 0 uses the distillation key of that run's own phase (so `mm_alternating 8 0` and
 `mm_instant 8 0` reproduce `report.md` of `python train.py --data digits`), seed s > 0 folds s into it; the
 teacher, Eq. 10's data term and the evaluation key stay those of seed 0. The student is trained exactly as
@@ -29,8 +31,10 @@ import tasks
 import train
 
 
-def parse(args):
-    base, over = train.IMAGE_PRESETS["default"], {}
+def parse(args, preset="default"):
+    if preset not in train.IMAGE_PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose from {sorted(train.IMAGE_PRESETS)}")
+    base, over = train.IMAGE_PRESETS[preset], {}
     for a in args:
         name, _, val = a.partition("=")
         if not hasattr(base, name) or not val:
@@ -40,12 +44,12 @@ def parse(args):
     return over
 
 
-def main(method, k, seeds, over):
+def main(method, k, seeds, over, preset="default"):
     if method not in (*train.METHODS, "teacher"):
         raise SystemExit(f"error: unknown METHOD {method!r}; choose from {(*train.METHODS, 'teacher')}")
-    cfg = train.IMAGE_PRESETS["default"]
+    cfg = train.IMAGE_PRESETS[preset]
     task, mesh = tasks.make_task(cfg), parallel.data_mesh()
-    root = Path("runs/ablation/digits_s0")
+    root = Path("runs/ablation/digits_s0" if preset == "default" else f"runs/ablation/digits_{preset}_s0")
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
     state = train.train_teacher(train.Run(root), cfg, task, mesh, key_teacher)[0]
     teacher = state.model
@@ -68,4 +72,7 @@ def main(method, k, seeds, over):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], int(sys.argv[2]), [int(s) for s in sys.argv[3].split(",")], parse(sys.argv[4:]))
+    argv, preset = sys.argv[1:], "default"
+    if argv[:1] == ["--preset"]:
+        preset, argv = argv[1], argv[2:]
+    main(argv[0], int(argv[1]), [int(s) for s in argv[2].split(",")], parse(argv[3:], preset), preset)
