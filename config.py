@@ -157,8 +157,8 @@ IMAGE_PRESETS = {
     # updates of the CPU default and its MM student settings (mm_lr 1e-3 and a 0.99 student average, from the CPU
     # tables above; the paper's 1e-4 gave alternating k = 8 FD 5.3-6.2 against the teacher's 4.7-5.0 on an H100), the
     # ablations, and the teacher's samplers at more step counts for metric_vs_nfe.png. Measured on a CPU (README,
-    # "Accelerator preset", one seed, FD): teacher 256 steps 4.34, alternating k = 8 7.24 (13.10 with mm_lr 1e-4),
-    # instant k = 8 10.85. Its wall time on a GPU is not measured.
+    # "Accelerator preset", FD, student seeds 0 / 1): teacher 256 steps 4.34, alternating k = 8 7.24 / 6.66 (13.10
+    # with mm_lr 1e-4, seed 0), instant k = 8 10.85 / 5.33. Its wall time on a GPU is not measured.
     "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
                    mm_train_steps=3000, mm_lr=1e-3, mm_ema=0.99, dmd2_train_steps=1000,
                    teacher_ks=(1, 2, 4, 8, 16, 32, 64, 128, 256), n_samples=898, chunk=1000, mm_steps=(1, 2, 4, 8),
