@@ -17,7 +17,8 @@ import losses as L
 import mmd
 from models import GaussianDenoiser, MLPDenoiser
 from sampling import karras_grid_time, sample
-from test_losses import SCHED, Z, _data, random_cov, tree_vec
+from test_losses import SCHED, Z, random_cov, tree_vec
+from test_short_runs import _data
 
 # ----------------------------------------------------------------------------------------------
 # DMD2: distribution matching with analytic real and fake denoisers.
