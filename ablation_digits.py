@@ -25,6 +25,7 @@ from pathlib import Path
 
 import jax.random as jr
 
+import losses as L
 import mmd
 import parallel
 import tasks
@@ -55,6 +56,9 @@ def main(method, k, seeds, over, preset="default"):
     teacher = state.model
     precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps)
     c = dataclasses.replace(cfg, **over)
+    net = teacher
+    if c.guidance > 0:  # guide the teacher only (the students still start from `net`), as train.main does
+        teacher, precond = L.GuidedTeacher(net, scale=c.guidance), L.GuidedTeacher(precond, scale=c.guidance)
     tag = "_".join([f"{method}_k{k}"] + [f"{n}={v}" for n, v in over.items()])
     for seed in seeds:
         if method == "teacher":  # the reference row: the teacher's own k-step ancestral sampler
@@ -63,7 +67,7 @@ def main(method, k, seeds, over, preset="default"):
             key = jr.fold_in(key_distil, train.METHODS.index(method))  # the default run's key for this phase
             key = key if seed == 0 else jr.fold_in(key, seed)
             run = train.Run(root / tag / f"s{seed}")
-            model, _, secs = train.distil(run, c, method, method, k, {}, task, teacher, teacher, precond, mesh, key)
+            model, _, secs = train.distil(run, c, method, method, k, {}, task, teacher, net, precond, mesh, key)
         step = "marginal" if method == "dmd2" else "ancestral"
         x, label, _ = train.draw_samples(model, task, jr.split(key_eval, 3)[0], c.n_samples, k, step,
                                          train.dmd2_times(c, k, task) if method == "dmd2" else None)
