@@ -54,6 +54,7 @@ class Config:
     mm_train_steps: int = 3000
     mm_lr: float = 1e-4
     instant_lr: float = 3e-4
+    instant_train_steps: int = 0  # Algorithm 3's updates (0: mm_train_steps, the same as Algorithm 2's)
     mm_ema: float = 0.0  # decay of the MM students' weight average, which is then sampled (0: the last weights, as the paper)
     precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
     instant_eq10: bool = True  # subtract the teacher's expected gradient on real data from nu (Eq. 10)
@@ -98,6 +99,9 @@ class Config:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be an integer >= 1; got {v!r}")
+        v = self.instant_train_steps
+        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
+            raise ValueError(f"instant_train_steps must be an integer >= 0 (0: mm_train_steps); got {v!r}")
         for flag, xs in (("--methods", self.methods), ("--steps", self.mm_steps), ("--steps", self.dmd2_steps)):
             if len(set(xs)) < len(xs):  # one checkpoint per phase name: a repeated phase would resume its twin
                 raise ValueError(f"{flag} lists a value twice: {','.join(map(str, xs))}")
@@ -162,7 +166,7 @@ IMAGE_PRESETS = {
     # 4.60, class accuracy 0.915 / 0.922 (teacher 0.927); 750 updates 6.63, 6,000 (0.999) 6.25 (seed 0). DMD2 k = 1
     # 10.88 / 10.98, k = 4 5.09 (seed 0). Its wall time on a GPU is not measured.
     "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
-                   mm_train_steps=1500, mm_lr=1e-3, mm_ema=0.9995, dmd2_train_steps=1000,
+                   mm_train_steps=1500, instant_train_steps=3000, mm_lr=1e-3, mm_ema=0.9995, dmd2_train_steps=1000,
                    teacher_ks=(1, 2, 4, 8, 16, 32, 64, 128, 256), n_samples=898, chunk=1000, mm_steps=(1, 2, 4, 8),
                    dmd2_steps=(1, 2, 4, 8), ablations=True, instant_weighting="flat", data_grad_batches=100,
                    nu_batch_mult=1),

@@ -165,6 +165,22 @@ def test_instant_weighting_applies_to_algorithm_3_only(instant, want):
         dataclasses.replace(TINY, instant_weighting="bogus")
 
 
+@pytest.mark.parametrize("instant_steps, want", [(0, 30), (7, 7)])
+def test_instant_train_steps_sets_algorithm_3s_updates_only(instant_steps, want):
+    """`Config.instant_train_steps` is Algorithm 3's number of updates (0: mm_train_steps); Algorithm 2 keeps
+    mm_train_steps. Negative counts are rejected with the value."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, mm_train_steps=30, instant_train_steps=instant_steps, data_grad_batches=2)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    steps = {m: train.distil_setup(cfg, m, 2, {}, task, net, net, precond, mesh)[2] for m in ("mm_instant", "mm_alternating")}
+    assert steps == {"mm_instant": want, "mm_alternating": 30}
+    with pytest.raises(ValueError, match=r"instant_train_steps must be an integer >= 0 \(0: mm_train_steps\); got -1"):
+        dataclasses.replace(TINY, instant_train_steps=-1)
+
+
 @pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps"])
 def test_config_rejects_counts_below_one(field):
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1; got 0"):

@@ -69,7 +69,8 @@ def phase_steps(cfg):
     """{phase name: number of training steps}."""
     out = {"teacher": cfg.teacher_steps}
     for name, method, _, _ in train.phases(cfg):
-        out[name] = cfg.dmd2_train_steps if method == "dmd2" else cfg.mm_train_steps
+        mm = (cfg.instant_train_steps or cfg.mm_train_steps) if method == "mm_instant" else cfg.mm_train_steps
+        out[name] = cfg.dmd2_train_steps if method == "dmd2" else mm
     return out
 
 

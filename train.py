@@ -236,7 +236,7 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
         weighting = c.instant_weighting if method == "mm_instant" and c.instant_weighting != "same" else c.weighting
         weighting = weighting if weighting != "auto" else ("flat" if k <= 2 else "edm")
         mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling)
-        num = c.mm_train_steps
+        num = (c.instant_train_steps or c.mm_train_steps) if method == "mm_instant" else c.mm_train_steps
         if method == "mm_alternating":
             opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10))
             state = mmd.init_alternating(auxiliary_start(cfg, task, net), opt, student=net)
