@@ -128,6 +128,12 @@ class Config:
         mmd.DMD2Config(ttur=self.ttur)
         mmd.MMConfig(nu_decay=self.nu_decay)
 
+    def train_steps(self, method: str) -> int:
+        """The number of student updates of `method` (instant_train_steps 0: Algorithm 3 takes mm_train_steps)."""
+        if method == "dmd2":
+            return self.dmd2_train_steps
+        return (self.instant_train_steps or self.mm_train_steps) if method == "mm_instant" else self.mm_train_steps
+
 
 # Toy data: DMD2 trains 6,000 generator updates without its GAN term and samples the 0.999 weight average (README,
 # DMD2 table, three seeds on ring8, MMD^2 x 1e-3 at k = 1 / 4: 1,000 updates, average 0.99: 2.81 / 3.36; 3,000: 1.60 /

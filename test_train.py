@@ -69,8 +69,7 @@ def phase_steps(cfg):
     """{phase name: number of training steps}."""
     out = {"teacher": cfg.teacher_steps}
     for name, method, _, _ in train.phases(cfg):
-        mm = (cfg.instant_train_steps or cfg.mm_train_steps) if method == "mm_instant" else cfg.mm_train_steps
-        out[name] = cfg.dmd2_train_steps if method == "dmd2" else mm
+        out[name] = cfg.train_steps(method)
     return out
 
 

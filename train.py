@@ -231,12 +231,12 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
         step = with_labels(lambda st, kk, x, lab: mmd.dmd2_step(
             st, teacher, x.reshape(dcfg.ttur, b, *x.shape[1:]), kk, cfg=dcfg, optimiser=opt, schedule=sched,
             label=None if lab is None else lab.reshape(dcfg.ttur, b)), task, dcfg.ttur * b, mesh)
-        num, decay = c.dmd2_train_steps, c.dmd2_ema
+        num, decay = c.train_steps(method), c.dmd2_ema
     else:
         weighting = c.instant_weighting if method == "mm_instant" and c.instant_weighting != "same" else c.weighting
         weighting = weighting if weighting != "auto" else ("flat" if k <= 2 else "edm")
         mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling)
-        num = (c.instant_train_steps or c.mm_train_steps) if method == "mm_instant" else c.mm_train_steps
+        num = c.train_steps(method)
         if method == "mm_alternating":
             opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10))
             state = mmd.init_alternating(auxiliary_start(cfg, task, net), opt, student=net)
