@@ -169,9 +169,10 @@ IMAGE_PRESETS = {
     # ablations, and the teacher's samplers at more step counts for metric_vs_nfe.png. Measured on a CPU (README,
     # "Accelerator preset", alternating k = 8 FD, student seeds 0 / 1; teacher 256 steps 4.34): 3,000 updates with a
     # 0.99 / 0.999 / 0.9995 average 7.24 / 6.66, 5.35 / 5.63, 5.05 / 5.34; with 0.9995 and 1,500 updates (now) 4.66 /
-    # 4.60, class accuracy 0.915 / 0.922 (teacher 0.927); 750 updates 6.63, 6,000 (0.999) 6.25 (seed 0). DMD2 k = 1
-    # 10.88 / 10.98, k = 4 5.09 (seed 0). Instant k = 8 (seed 0) wants the longer run: 3,000 updates 9.60 (average
-    # 0.999), 1,500 updates 19.2 (0.9995), hence instant_train_steps 3,000. Its wall time on a GPU is not measured.
+    # 4.60, class accuracy 0.915 / 0.922 (teacher 0.927); seed 0 with one change each: 750 / 1,000 / 2,000 updates
+    # 6.63 / 5.39 / 5.42, average 0.9998 4.88, mm_lr 5e-4 6.07, 6,000 updates (0.999) 6.25. DMD2 k = 1 10.88 / 10.98,
+    # k = 4 5.09 (seed 0). Instant k = 8 (seed 0) wants the longer run: 3,000 updates 9.80 (average 0.9995; 9.60 with
+    # 0.999), 1,500 updates 19.2, hence instant_train_steps 3,000. The preset's wall time on a GPU is not measured.
     "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
                    mm_train_steps=1500, instant_train_steps=3000, mm_lr=1e-3, mm_ema=0.9995, dmd2_train_steps=1000,
                    teacher_ks=(1, 2, 4, 8, 16, 32, 64, 128, 256), n_samples=898, chunk=1000, mm_steps=(1, 2, 4, 8),
