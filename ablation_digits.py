@@ -25,7 +25,6 @@ from pathlib import Path
 
 import jax.random as jr
 
-import losses as L
 import mmd
 import parallel
 import tasks
@@ -57,8 +56,7 @@ def main(method, k, seeds, over, preset="default"):
     precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps)
     c = dataclasses.replace(cfg, **over)
     net = teacher
-    if c.guidance > 0:  # guide the teacher only (the students still start from `net`), as train.main does
-        teacher, precond = L.GuidedTeacher(net, scale=c.guidance), L.GuidedTeacher(precond, scale=c.guidance)
+    teacher, precond = train.guided(c, net, precond)  # as train.main does (the students still start from `net`)
     tag = "_".join([f"{method}_k{k}"] + [f"{n}={v}" for n, v in over.items()])
     for seed in seeds:
         if method == "teacher":  # the reference row: the teacher's own k-step ancestral sampler

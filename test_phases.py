@@ -14,6 +14,7 @@ import pytest
 
 import train
 from test_train import TINY
+from uvit import ImageDenoiser
 
 # ----------------------------------------------------------------------------------------------
 # The teacher's weight average (EMA).
@@ -192,3 +193,27 @@ def test_config_rejects_counts_below_one(field):
 def test_config_rejects_ema_decay_outside_0_1(field, decay):
     with pytest.raises(ValueError, match=rf"{field} \(EMA decay\) must be in \[0, 1\); got {decay}"):
         dataclasses.replace(TINY, **{field: decay})
+
+
+# ----------------------------------------------------------------------------------------------
+# Guidance: what `train.guided` hands to the losses.
+
+
+def test_guided_guides_teacher_and_preconditioner_only_at_a_positive_scale():
+
+    net = ImageDenoiser(8, 1, num_classes=10, width=16, depth=1, key=jr.key(0))
+    params = eqx.filter(net, eqx.is_inexact_array)  # off its zero-initialised layers, so labels matter
+    leaves, tree = jax.tree.flatten(params)
+    noise = [0.1 * jr.normal(k, p.shape, p.dtype) for k, p in zip(jr.split(jr.key(2), len(leaves)), leaves)]
+    net = eqx.apply_updates(net, jax.tree.unflatten(tree, noise))
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    cfg = dataclasses.replace(train.IMAGE_PRESETS["default"], guidance=0.0)
+    assert train.guided(cfg, net, precond) == (net, precond)  # scale 0: the objects themselves
+    assert train.guided(cfg, net) == (net, None)
+    teacher, pre = train.guided(dataclasses.replace(cfg, guidance=0.5), net, precond)
+    assert teacher.scale == pre.scale == 0.5 and teacher.model is net and pre.model is precond
+    assert train.guided(dataclasses.replace(cfg, guidance=0.5), net)[1] is None
+    z, t, label = jr.normal(jr.key(1), (8, 8, 1)), jnp.float32(0.7), jnp.int32(3)
+    x_c, x_u = net(z, t, label), net(z, t, None)
+    np.testing.assert_allclose(teacher(z, t, label), x_c + 0.5 * (x_c - x_u), rtol=1e-5, atol=1e-5)
+    assert float(jnp.max(jnp.abs(x_c - x_u))) > 1e-3  # the two predictions differ, so the check above can fail

@@ -260,6 +260,16 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
     return parallel.replicate(state, mesh), step, num
 
 
+def guided(cfg: Config, teacher, precond=None):
+    """What the losses call: the teacher (and Algorithm 3's preconditioner, if any) guided at `cfg.guidance`
+    when it is > 0, with straight-through gradients (Sec. 3.3). Only the teacher is guided: the students
+    still start from the unguided network."""
+    if cfg.guidance > 0:
+        teacher = L.GuidedTeacher(teacher, scale=cfg.guidance)
+        precond = None if precond is None else L.GuidedTeacher(precond, scale=cfg.guidance)
+    return teacher, precond
+
+
 def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh, key):
     """One distillation phase: its student network, loss history and training seconds."""
     state, step, num = distil_setup(cfg, method, k, overrides, task, teacher, net, precond, mesh)
@@ -332,16 +342,12 @@ def main(cfg: Config, run: Run):
 
     teacher_state, history, seconds = train_teacher(run, cfg, task, mesh, key_teacher)
     net = teacher_state.model  # the weight average (teacher_ema > 0): the teacher and the students' start
-    teacher = net if cfg.teacher == "trained" else task.exact
-    if cfg.guidance > 0:  # guide the teacher only; straight-through gradients (Sec. 3.3)
-        teacher = L.GuidedTeacher(teacher, scale=cfg.guidance)
-    phase_log = {"teacher": {"seconds": seconds, "final": {k: float(v[-1]) for k, v in history.items()}}}
-    histories = {"teacher": history}
     precond = None
     if "mm_instant" in cfg.methods:  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the network
         precond = mmd.preconditioner_from_adam(teacher_state.player.opt_state, eps=cfg.precond_eps)
-        if cfg.guidance > 0:
-            precond = L.GuidedTeacher(precond, scale=cfg.guidance)
+    teacher, precond = guided(cfg, net if cfg.teacher == "trained" else task.exact, precond)
+    phase_log = {"teacher": {"seconds": seconds, "final": {k: float(v[-1]) for k, v in history.items()}}}
+    histories = {"teacher": history}
 
     students = {}
     for i, (name, method, k, overrides) in enumerate(phases(cfg)):
