@@ -19,8 +19,8 @@ class-conditional samples (`task.evaluate`, the numbers of train.py's report), a
 
 `--keys N` (default 1) also draws and scores the samples with N - 1 further evaluation keys (`jr.fold_in` of the
 run's key with 1, ..., N - 1; the classes and the real reference half stay the same, only the sampling noise
-changes) and adds their per-key FD, mean and standard error of the mean. With 898 samples one key's FD moves by
-1-2 between keys for a k = 8 student (0.2-0.6 for the teacher's 256-step sampler), so a single key ranks only
+changes) and adds their per-key FD, mean and standard error of the mean. With 898 samples one key's FD spans
+1.3-3 over eight keys for a k = 8 student (1.1 for the teacher's 256-step sampler), so a single key ranks only
 large differences; "fd" stays key 0's, the number of train.py's report.
 """
 
