@@ -55,6 +55,8 @@ class Config:
     mm_lr: float = 1e-4
     instant_lr: float = 3e-4
     instant_train_steps: int = 0  # Algorithm 3's updates (0: mm_train_steps, the same as Algorithm 2's)
+    mm_aux_steps: int = 1  # Algorithm 2: auxiliary-model updates per generator update (1: strict alternation, as the paper)
+    mm_aux_lr: float = 0.0  # Algorithm 2: the auxiliary model's peak learning rate (0: mm_lr, one rate for both, as the paper)
     mm_ema: float = 0.0  # decay of the MM students' weight average, which is then sampled (0: the last weights, as the paper)
     precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
     instant_eq10: bool = True  # subtract the teacher's expected gradient on real data from nu (Eq. 10)
@@ -95,10 +97,12 @@ class Config:
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
             raise ValueError(f"--seed must be an integer in 0..2**32 - 1; got {self.seed!r}")
         for f in ("ttur", "batch", "width", "depth", "teacher_steps", "mm_train_steps", "dmd2_train_steps",
-                  "n_samples", "chunk", "image_width", "image_depth", "data_grad_batches", "nu_batch_mult"):
+                  "n_samples", "chunk", "image_width", "image_depth", "data_grad_batches", "nu_batch_mult", "mm_aux_steps"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be an integer >= 1; got {v!r}")
+        if not 0.0 <= self.mm_aux_lr < float("inf"):
+            raise ValueError(f"mm_aux_lr must be a finite number >= 0 (0: mm_lr); got {self.mm_aux_lr!r}")
         v = self.instant_train_steps
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"instant_train_steps must be an integer >= 0 (0: mm_train_steps); got {v!r}")

@@ -74,6 +74,12 @@ def _apply_grads(player: Player, grads, optimiser) -> Player:
     return Player(eqx.apply_updates(player.model, updates), opt_state)
 
 
+def _per_player(optimiser):
+    """`(generator's, other player's)` optimiser from one optimiser or a pair (an optax transform is itself a
+    tuple); the other player is Algorithm 2's auxiliary model or DMD2's critic."""
+    return (optimiser, optimiser) if isinstance(optimiser, optax.GradientTransformation) else tuple(optimiser)
+
+
 class AlternatingState(eqx.Module):
     generator: Player  # g_eta
     aux: Player  # g_phi
@@ -98,10 +104,14 @@ class MMConfig:
     zs_sampling: str = "posterior"  # posterior q(z_s|z_t,x~) | marginal q(z_s|x~) (Sec. 5.2)
     time_grid: bool = False  # t on the k-step sampling grid (losses.sample_times) instead of s + U[0, 1/k]
     nu_decay: float = 0.0  # Algorithm 3: EMA of nu over updates (0: the last batch's nu, as printed)
+    aux_steps: int = 1  # Algorithm 2: auxiliary updates per generator update (1: the paper's strict alternation)
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
             raise ValueError(f"k (sampling steps) must be an integer >= 1; got {self.k!r}")
+        if not isinstance(self.aux_steps, int) or isinstance(self.aux_steps, bool) or self.aux_steps < 1:
+            raise ValueError(f"aux_steps (auxiliary updates per generator update) must be an integer >= 1; "
+                             f"got {self.aux_steps!r}")
         if self.weighting not in L.WEIGHTINGS:
             raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {L.WEIGHTINGS}")
         if self.zs_sampling not in L.ZS_SAMPLING:
@@ -177,32 +187,44 @@ def regression_step(state: Player, target, x, key, *, optimiser, schedule: Sched
 
 def init_alternating(teacher, optimiser, student=None) -> AlternatingState:
     """Student and auxiliary model both start from the teacher (Algorithm 2, Require); `student` if the
-    student's family differs from the teacher's (the closed-form testbed)."""
-    return AlternatingState(init_player(teacher if student is None else student, optimiser), init_player(teacher, optimiser))
+    student's family differs from the teacher's (the closed-form testbed). `optimiser`: one or a pair
+    `(generator's, auxiliary's)`, as `alternating_step` takes it."""
+    gen_opt, aux_opt = _per_player(optimiser)
+    return AlternatingState(init_player(teacher if student is None else student, gen_opt), init_player(teacher, aux_opt))
 
 
 @eqx.filter_jit
 def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig, optimiser, schedule: Schedule, label=None):
-    """Two iterations of Algorithm 2: an even one (auxiliary g_phi) then an odd one (generator g_eta).
+    """Iterations of Algorithm 2: `cfg.aux_steps` even ones (auxiliary g_phi) then an odd one (generator g_eta).
 
-    Each draws its own times and noise from `key`; both use the data batch `x` `(B, *data)`.
-    Returns `(state, {"aux_loss", "gen_loss"})`.
+    Each iteration draws its own times and noise from `key`; all use the data batch `x` `(B, *data)` (and
+    `label`). `optimiser`: one for both players or a pair `(generator's, auxiliary's)`. With `aux_steps` 1
+    this is the paper's strict alternation. Returns `(state, {"aux_loss", "gen_loss"})`, the auxiliary loss
+    that of its last update.
     """
     k_aux, k_gen = jr.split(key)
     gen, aux = state.generator, state.aux
+    gen_opt, aux_opt = _per_player(optimiser)
 
-    batch = L.noised_batch(schedule, x, k_aux, cfg.k, label, cfg.time_grid)
-    x_tilde, z_s = L.generate(gen.model, schedule, batch, cfg.zs_sampling)
-    aux_loss, grads = eqx.filter_value_and_grad(L.auxiliary_loss)(
-        aux.model, teacher, schedule, sg(x_tilde), z_s, batch.s, cfg.weighting, label
-    )
-    aux = _apply_grads(aux, grads, optimiser)
+    def aux_update(aux: Player, k):
+        batch = L.noised_batch(schedule, x, k, cfg.k, label, cfg.time_grid)
+        x_tilde, z_s = L.generate(gen.model, schedule, batch, cfg.zs_sampling)
+        loss, grads = eqx.filter_value_and_grad(L.auxiliary_loss)(
+            aux.model, teacher, schedule, sg(x_tilde), z_s, batch.s, cfg.weighting, label
+        )
+        return _apply_grads(aux, grads, aux_opt), loss
+
+    if cfg.aux_steps == 1:  # one update from k_aux itself, as before aux_steps existed (the same numbers)
+        aux, aux_loss = aux_update(aux, k_aux)
+    else:
+        aux, aux_losses = scan_steps(aux_update, aux, jr.split(k_aux, cfg.aux_steps))
+        aux_loss = aux_losses[-1]
 
     batch = L.noised_batch(schedule, x, k_gen, cfg.k, label, cfg.time_grid)
     gen_loss, grads = eqx.filter_value_and_grad(L.generator_loss)(
         gen.model, aux.model, teacher, schedule, batch, cfg.weighting, cfg.zs_sampling
     )
-    gen = _apply_grads(gen, grads, optimiser)
+    gen = _apply_grads(gen, grads, gen_opt)
     return AlternatingState(gen, aux), {"aux_loss": aux_loss, "gen_loss": gen_loss}
 
 
@@ -311,11 +333,6 @@ def instant_step(state: InstantState, teacher, precond, x, x_prime, key, *, cfg:
 
 # ----------------------------------------------------------------------------------------------
 # DMD2.
-
-
-def _per_player(optimiser):
-    """`(generator's, critic's)` optimiser from one optimiser or a pair (an optax transform is itself a tuple)."""
-    return (optimiser, optimiser) if isinstance(optimiser, optax.GradientTransformation) else tuple(optimiser)
 
 
 def init_dmd2(teacher, head_key, optimiser, cfg: DMD2Config, feat_dim, student=None) -> DMD2State:

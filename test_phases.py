@@ -182,7 +182,43 @@ def test_instant_train_steps_sets_algorithm_3s_updates_only(instant_steps, want)
         dataclasses.replace(TINY, instant_train_steps=-1)
 
 
-@pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps"])
+def _update_count(player):
+    """How many updates a player's optimiser (`mmd.mm_optimiser`'s chain) has applied: Adam's step count."""
+    counts = [int(v) for p, v in jax.tree_util.tree_flatten_with_path(player.opt_state)[0] if "count" in jax.tree_util.keystr(p)]
+    assert counts and len(set(counts)) == 1, counts
+    return counts[0]
+
+
+@pytest.mark.parametrize("aux_steps, aux_lr", [(1, 0.0), (3, 0.0), (1, 5e-3), (3, 5e-3)])
+def test_mm_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedule(aux_steps, aux_lr):
+    """`Config.mm_aux_steps` auxiliary updates per generator update (Algorithm 2), each counted by the auxiliary
+    model's own optimiser; with more than one, or with `mm_aux_lr`, that optimiser's schedule runs over the
+    auxiliary model's own number of updates (mm_train_steps x mm_aux_steps) at its own peak rate, so its learning
+    rate is not spent before the generator's. The defaults (1, 0) keep the one shared optimiser of the paper."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, mm_train_steps=20, mm_aux_steps=aux_steps, mm_aux_lr=aux_lr)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    made = []
+    real = train.mmd.mm_optimiser
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.mmd, "mm_optimiser", lambda lr, n, warmup: made.append((lr, n, warmup)) or real(lr, n, warmup))
+        state, step, num = train.distil_setup(cfg, "mm_alternating", 2, {}, task, net, net, None, mesh)
+    for i in range(2):
+        state, metrics = step(state, jr.key(i))
+    inner = state.state if isinstance(state, train.Averaged) else state
+    assert (_update_count(inner.generator), _update_count(inner.aux)) == (2, 2 * aux_steps)
+    assert num == 20 and bool(jnp.isfinite(metrics["aux_loss"])) and bool(jnp.isfinite(metrics["gen_loss"]))
+    own = [] if (aux_steps, aux_lr) == (1, 0.0) else [(aux_lr or cfg.mm_lr, 20 * aux_steps, 2 * aux_steps)]
+    assert made == [(cfg.mm_lr, 20, 2)] + own
+    with pytest.raises(ValueError, match=r"mm_aux_lr must be a finite number >= 0 \(0: mm_lr\); got -0.001"):
+        dataclasses.replace(TINY, mm_aux_lr=-1e-3)
+    with pytest.raises(ValueError, match=r"aux_steps \(auxiliary updates per generator update\) must be an integer >= 1; got 0"):
+        train.mmd.MMConfig(aux_steps=0)
+
+
+@pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps", "mm_aux_steps"])
 def test_config_rejects_counts_below_one(field):
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1; got 0"):
         dataclasses.replace(TINY, **{field: 0})

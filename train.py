@@ -238,7 +238,11 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
         mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling)
         num = c.train_steps(method)
         if method == "mm_alternating":
+            mcfg = dataclasses.replace(mcfg, aux_steps=c.mm_aux_steps)
             opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10))
+            if c.mm_aux_steps > 1 or c.mm_aux_lr:  # the auxiliary model's own schedule, over its own number of updates
+                n_aux = num * c.mm_aux_steps
+                opt = (opt, mmd.mm_optimiser(c.mm_aux_lr or c.mm_lr, n_aux, warmup=min(1000, n_aux // 10)))
             state = mmd.init_alternating(auxiliary_start(cfg, task, net), opt, student=net)
             step = with_labels(lambda st, kk, x, lab: mmd.alternating_step(
                 st, teacher, x, kk, cfg=mcfg, optimiser=opt, schedule=sched, label=lab), task, b, mesh)
