@@ -80,7 +80,7 @@ def run_instant(cfg, task, teacher, precond, key, *, steps=None, lr=None, data_g
         tangent = jax.tree.map(lambda a: a / (1 - decay ** (n + 1)), nu_avg)
         (_, mon), g = eqx.filter_value_and_grad(L.instant_loss, has_aux=True)(
             player.model, teacher, precond, sched, batch, batch_p, weighting, "posterior", nu=tangent)
-        player = mmd._apply_grads(player, g, opt)
+        player = mmd.apply_grads(player, g, opt)
         emas = tuple(train.ema_update(e, player.model, d, n + 1) for e, d in zip(emas, EMAS))
         return (player, nu_avg, n + 1, emas), {"instant_loss": mon}
 

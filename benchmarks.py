@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+import dmd2
 import mmd
 from data import RING2, random_cov
 from metrics import component_fractions, sampler_error, sampler_noise_floor
@@ -121,8 +122,8 @@ def make_steps(batch=256, width=128, depth=3, seed=SEED, names=tuple(NFE)):
     if "instant" in names:
         xs = data.sample(jr.fold_in(key, 1), 8 * batch).reshape(8, batch, 2)
         frozen["precond"] = eqx.filter_jit(mmd.estimate_preconditioner)(net, schedule, xs, jr.fold_in(key, 2))
-    t_opt, m_opt, d_opt = mmd.teacher_optimiser(), mmd.mm_optimiser(), mmd.dmd2_optimiser()
-    mcfg, dcfg = mmd.MMConfig(), mmd.DMD2Config()
+    t_opt, m_opt, d_opt = mmd.teacher_optimiser(), mmd.mm_optimiser(), dmd2.dmd2_optimiser()
+    mcfg, dcfg = mmd.MMConfig(), dmd2.DMD2Config()
     draw = lambda f, k, n: f["data"].sample(k, n)
 
     def teacher(st, f, k):
@@ -138,13 +139,13 @@ def make_steps(batch=256, width=128, depth=3, seed=SEED, names=tuple(NFE)):
 
     def dmd2(st, f, k):
         x_real = draw(f, k, dcfg.ttur * batch).reshape(dcfg.ttur, batch, 2)
-        return mmd.dmd2_step(st, f["teacher"], x_real, jr.fold_in(k, 1), cfg=dcfg, optimiser=d_opt, schedule=schedule)
+        return dmd2.dmd2_step(st, f["teacher"], x_real, jr.fold_in(k, 1), cfg=dcfg, optimiser=d_opt, schedule=schedule)
 
     inits = {
         "teacher": lambda: (mmd.init_player(net, t_opt), teacher),
         "alternating": lambda: (mmd.init_alternating(net, m_opt), alternating),
         "instant": lambda: (mmd.init_instant(net, m_opt, frozen["precond"]), instant),
-        "dmd2": lambda: (mmd.init_dmd2(net, jr.fold_in(key, 3), d_opt, dcfg, width), dmd2),
+        "dmd2": lambda: (dmd2.init_dmd2(net, jr.fold_in(key, 3), d_opt, dcfg, width), dmd2),
     }
     return {name: inits[name]() for name in names}, frozen
 
@@ -212,8 +213,8 @@ def memory_table(configs=((8, 1, 64, 128), (64, 3, 64, 8))):
         net = ImageDenoiser(side, ch, num_classes=10, width=width, key=jr.key(0))
         sched = net.schedule
         x, lab = jnp.zeros((b, side, side, ch)), jnp.zeros((b,), jnp.int32)
-        t_opt, m_opt, d_opt = mmd.teacher_optimiser(), mmd.mm_optimiser(), mmd.dmd2_optimiser()
-        cfg, dcfg = mmd.MMConfig(), mmd.DMD2Config()
+        t_opt, m_opt, d_opt = mmd.teacher_optimiser(), mmd.mm_optimiser(), dmd2.dmd2_optimiser()
+        cfg, dcfg = mmd.MMConfig(), dmd2.DMD2Config()
         precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
         calls = {
             "teacher": (lambda st: mmd.teacher_step(st, x, jr.key(0), optimiser=t_opt, schedule=sched, label=lab),
@@ -222,9 +223,9 @@ def memory_table(configs=((8, 1, 64, 128), (64, 3, 64, 8))):
                                                             schedule=sched, label=lab), mmd.init_alternating(net, m_opt)),
             "instant": (lambda st: mmd.instant_step(st, net, precond, x, x, jr.key(0), cfg=cfg, optimiser=m_opt,
                                                     schedule=sched, label=lab, label_prime=lab), mmd.init_instant(net, m_opt, precond)),
-            "dmd2": (lambda st: mmd.dmd2_step(st, net, jnp.stack([x] * dcfg.ttur), jr.key(0), cfg=dcfg, optimiser=d_opt,
+            "dmd2": (lambda st: dmd2.dmd2_step(st, net, jnp.stack([x] * dcfg.ttur), jr.key(0), cfg=dcfg, optimiser=d_opt,
                                               schedule=sched, label=jnp.stack([lab] * dcfg.ttur)),
-                     mmd.init_dmd2(net, jr.key(1), d_opt, dcfg, width)),
+                     dmd2.init_dmd2(net, jr.key(1), d_opt, dcfg, width)),
         }
         params = sum(a.size for a in jax.tree.leaves(eqx.filter(net, eqx.is_inexact_array)))
         row = [f"{side}x{side}x{ch}", f"{params / 1e3:.0f}k", str(b)]

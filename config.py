@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Optional
 
 import data as D
+import dmd2
 import mmd
 import sampling
 import tasks
@@ -129,7 +130,7 @@ class Config:
         mmd.MMConfig(weighting="edm" if self.weighting == "auto" else self.weighting, zs_sampling=self.zs_sampling)
         if self.instant_weighting not in ("same", "auto"):
             mmd.MMConfig(weighting=self.instant_weighting)
-        mmd.DMD2Config(ttur=self.ttur)
+        dmd2.DMD2Config(ttur=self.ttur)
         mmd.MMConfig(nu_decay=self.nu_decay)
 
     def train_steps(self, method: str) -> int:

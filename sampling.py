@@ -216,7 +216,7 @@ def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, s
     - `step`: `"ancestral"` (posterior re-noising), `"ddim"` or `"marginal"`.
     - `label`: None, or `(n,)` classes for a conditional `denoiser(z, t, label)`.
     - `times`: None (the uniform grid), or the `(num_steps,)` decreasing input times of the steps; the step
-      after the last goes to t = 0 (e.g. a DMD2 generator's own grid, `mmd.DMD2Config.times`).
+      after the last goes to t = 0 (e.g. a DMD2 generator's own grid, `dmd2.DMD2Config.times`).
 
     **Returns:** the last `x_hat`, shaped `shape`.
     """

@@ -1,4 +1,4 @@
-"""Property tests of DMD2 (losses.dmd_loss, mmd.dmd2_step) on Gaussian data: the distribution-matching gradient
+"""Property tests of DMD2 (losses.dmd_loss, dmd2.dmd2_step) on Gaussian data: the distribution-matching gradient
 against the KL between Gaussians, the per-step critic, backward simulation's re-noising to the given step times,
 one optimiser per player and the official step times. Each check has a companion that a wrong variant fails.
 """
@@ -14,7 +14,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import losses as L
-import mmd
+import dmd2
 from models import GaussianDenoiser, MLPDenoiser
 from sampling import karras_grid_time, sample
 from test_losses import SCHED, Z, random_cov, tree_vec
@@ -82,9 +82,9 @@ def test_dmd_gradient_is_zero_when_fake_equals_real():
 def test_per_step_critic_trains_only_the_drawn_copy():
     """With `per_step_critic`, each critic update changes exactly one of the k critic copies (plain SGD)."""
     net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
-    cfg, opt = mmd.DMD2Config(k=3, ttur=1, gan=True, per_step_critic=True), optax.sgd(1e-2)
-    state = mmd.init_dmd2(net, jr.key(1), opt, cfg, 16)
-    new, _ = mmd.dmd2_step(state, net, _data(jr.key(2), 32)[None], jr.key(3), cfg=cfg, optimiser=opt, schedule=SCHED)
+    cfg, opt = dmd2.DMD2Config(k=3, ttur=1, gan=True, per_step_critic=True), optax.sgd(1e-2)
+    state = dmd2.init_dmd2(net, jr.key(1), opt, cfg, 16)
+    new, _ = dmd2.dmd2_step(state, net, _data(jr.key(2), 32)[None], jr.key(3), cfg=cfg, optimiser=opt, schedule=SCHED)
     before, after = (eqx.filter(s.critic.model, eqx.is_array) for s in (state, new))
     changed = [any(bool(jnp.any(a[i] != b[i])) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
                for i in range(cfg.k)]
@@ -99,7 +99,7 @@ def _backsim_inputs(times):
     """DMD2 backward-simulation inputs `z` and their steps' times for a generator that always outputs `c`."""
     c = jnp.array([3.0, -2.0])
     gen = lambda z, t: c + 0.0 * z
-    z, t_j = mmd.generator_input(gen, SCHED, jnp.zeros((N_GI, 2)), jr.key(0), mmd.DMD2Config(k=4, times=times))
+    z, t_j = dmd2.generator_input(gen, SCHED, jnp.zeros((N_GI, 2)), jr.key(0), dmd2.DMD2Config(k=4, times=times))
     return c, np.asarray(z), np.asarray(t_j)
 
 
@@ -143,24 +143,24 @@ def test_sampler_runs_on_the_given_step_times():
         with pytest.raises(ValueError, match="step times"):
             sample(net, SCHED, jr.key(1), (8, 2), 3, "marginal", times=bad)
         with pytest.raises(ValueError, match="step times"):
-            mmd.DMD2Config(k=3, times=bad)
+            dmd2.DMD2Config(k=3, times=bad)
 
 
 def test_dmd2_step_takes_one_optimiser_per_player():
     """`optimiser=(generator's, critic's)`: a zero learning rate for the generator leaves it unchanged while the
-    critic trains, and the reverse; `mmd.dmd2_optimiser(decay_steps=n)` reaches learning rate 0 at update n."""
+    critic trains, and the reverse; `dmd2.dmd2_optimiser(decay_steps=n)` reaches learning rate 0 at update n."""
     net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
-    cfg, x = mmd.DMD2Config(k=2, ttur=1), _data(jr.key(2), 32)[None]
+    cfg, x = dmd2.DMD2Config(k=2, ttur=1), _data(jr.key(2), 32)[None]
     for frozen in ("generator", "critic"):
         opts = (optax.sgd(0.0), optax.sgd(1e-2)) if frozen == "generator" else (optax.sgd(1e-2), optax.sgd(0.0))
-        state = mmd.init_dmd2(net, jr.key(1), opts, cfg, 16)
-        new, _ = mmd.dmd2_step(state, net, x, jr.key(3), cfg=cfg, optimiser=opts, schedule=SCHED)
+        state = dmd2.init_dmd2(net, jr.key(1), opts, cfg, 16)
+        new, _ = dmd2.dmd2_step(state, net, x, jr.key(3), cfg=cfg, optimiser=opts, schedule=SCHED)
         for player in ("generator", "critic"):
             a, b = (jax.tree.leaves(eqx.filter(getattr(s, player).model, eqx.is_array)) for s in (state, new))
             same = all(bool(jnp.all(u == v)) for u, v in zip(a, b))
             assert same == (player == frozen), (frozen, player)
     for decay_steps, stopped in ((5, True), (None, False)):
-        opt, params = mmd.dmd2_optimiser(1e-2, warmup=2, decay_steps=decay_steps), jnp.ones(3)
+        opt, params = dmd2.dmd2_optimiser(1e-2, warmup=2, decay_steps=decay_steps), jnp.ones(3)
         state = opt.init(params)
         for _ in range(6):  # updates 0..5; the last one runs at schedule count 5
             upd, state = opt.update(jnp.ones(3), state, params)

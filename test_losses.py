@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import losses as L
+import dmd2
 import mmd
 from models import GaussianDenoiser, MLPDenoiser
 from jax.flatten_util import ravel_pytree
@@ -335,8 +336,8 @@ def test_every_loss_and_step_is_finite_on_edge_times(shape):
     cfg = mmd.MMConfig(k=2)
     alt, m1 = mmd.alternating_step(mmd.init_alternating(teacher, opt), teacher, x, jr.key(5), cfg=cfg, optimiser=opt, schedule=SCHED)
     inst, m2 = mmd.instant_step(mmd.init_instant(teacher, opt, precond), teacher, precond, x, x, jr.key(6), cfg=cfg, optimiser=opt, schedule=SCHED)
-    dcfg = mmd.DMD2Config(k=2, ttur=2)
-    dmd, m3 = mmd.dmd2_step(mmd.init_dmd2(teacher, jr.key(7), opt, dcfg, 16), teacher, jnp.stack([x, x]), jr.key(8),
+    dcfg = dmd2.DMD2Config(k=2, ttur=2)
+    dmd, m3 = dmd2.dmd2_step(dmd2.init_dmd2(teacher, jr.key(7), opt, dcfg, 16), teacher, jnp.stack([x, x]), jr.key(8),
                             cfg=dcfg, optimiser=opt, schedule=SCHED)
     for m in (m1, m2, m3):
         assert all(bool(jnp.isfinite(v)) for v in m.values()), m
@@ -357,9 +358,9 @@ def test_bad_input_errors():
     with pytest.raises(ValueError, match=r"k \(sampling steps\) must be an integer >= 1; got 0"):
         mmd.MMConfig(k=0)
     with pytest.raises(ValueError, match=r"k \(generator steps\) must be an integer >= 1"):
-        mmd.DMD2Config(k=-1)
+        dmd2.DMD2Config(k=-1)
     with pytest.raises(ValueError, match="ttur .* >= 1; got 0"):
-        mmd.DMD2Config(ttur=0)
+        dmd2.DMD2Config(ttur=0)
     with pytest.raises(ValueError, match="unknown zs_sampling"):
         mmd.MMConfig(zs_sampling="prior")
     with pytest.raises(ValueError, match="preconditioner tree does not match"):

@@ -22,6 +22,7 @@ import optax
 import pytest
 from jax.sharding import PartitionSpec as P
 
+import dmd2
 import mmd
 import parallel
 from models import MLPDenoiser
@@ -33,7 +34,7 @@ RTOL, ATOL = 1e-5, 1e-6
 SCHED = Schedule()
 OPT = optax.chain(optax.clip_by_global_norm(10.0), optax.sgd(0.05, momentum=0.9))
 MM = mmd.MMConfig(k=2)
-DMD = mmd.DMD2Config(k=2, ttur=2)
+DMD = dmd2.DMD2Config(k=2, ttur=2)
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +92,10 @@ ALGORITHMS = {
             cfg=MM, optimiser=OPT, schedule=SCHED),
     ),
     "dmd2": (
-        lambda t: mmd.init_dmd2(t, jr.key(7), OPT, DMD, 32),
+        lambda t: dmd2.init_dmd2(t, jr.key(7), OPT, DMD, 32),
         lambda k: _data(k, (DMD.ttur, B)),
         1,
-        lambda s, t, k, x: mmd.dmd2_step(s, t, x, k, cfg=DMD, optimiser=OPT, schedule=SCHED),
+        lambda s, t, k, x: dmd2.dmd2_step(s, t, x, k, cfg=DMD, optimiser=OPT, schedule=SCHED),
     ),
 }
 

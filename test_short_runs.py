@@ -13,6 +13,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import losses as L
+import dmd2
 import mmd
 from models import GaussianDenoiser, MLPDenoiser
 from sampling import sample
@@ -98,11 +99,11 @@ def test_short_instant_run(net_teacher):
 
 
 def test_short_dmd2_run(net_teacher):
-    cfg, opt = mmd.DMD2Config(k=K_SHORT, ttur=5), mmd.dmd2_optimiser(1e-3, 50)
+    cfg, opt = dmd2.DMD2Config(k=K_SHORT, ttur=5), dmd2.dmd2_optimiser(1e-3, 50)
     real = lambda k: jnp.stack([_data(jr.fold_in(k, i)) for i in range(cfg.ttur)])
     run = eqx.filter_jit(lambda d, keys: mmd.scan_steps(
-        lambda d, k: mmd.dmd2_step(d, EXACT, real(k), jr.fold_in(k, 9), cfg=cfg, optimiser=opt, schedule=SCHED), d, keys))
-    state, _ = run(mmd.init_dmd2(net_teacher, jr.key(5), opt, cfg, 64), jr.split(jr.key(4), N_SHORT // 2))
+        lambda d, k: dmd2.dmd2_step(d, EXACT, real(k), jr.fold_in(k, 9), cfg=cfg, optimiser=opt, schedule=SCHED), d, keys))
+    state, _ = run(dmd2.init_dmd2(net_teacher, jr.key(5), opt, cfg, 64), jr.split(jr.key(4), N_SHORT // 2))
     _assert_moves_toward_data(_student_error(net_teacher, "marginal"), _student_error(state.generator.model, "marginal"))
 
 

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from jax.flatten_util import ravel_pytree
 
 import losses as L
+import dmd2
 import mmd
 from data import random_cov
 from models import AffineStepDenoiser, GaussianDenoiser
@@ -80,10 +81,10 @@ def _testbed(algorithm, d, seed, k=1, zs_sampling="posterior"):
         step = lambda st, key: mmd.instant_step(st, teacher, precond, draw(key), draw(jr.fold_in(key, 2)),
                                                 jr.fold_in(key, 1), cfg=cfg, optimiser=opt, schedule=SCHED)
     else:  # DMD2, one step, no GAN (a Gaussian denoiser has no features); Adam with momentum, as DMD2's code
-        dcfg = mmd.DMD2Config(k=1, ttur=5, gan=False)
-        opt = mmd.dmd2_optimiser(1e-3, warmup=TB_STEPS // 10, weight_decay=0.0)
-        state = mmd.init_dmd2(teacher, jr.key(0), opt, dcfg, 0, student)
-        step = lambda st, key: mmd.dmd2_step(st, teacher, draw(key, 5 * TB_BATCH).reshape(5, TB_BATCH, d),
+        dcfg = dmd2.DMD2Config(k=1, ttur=5, gan=False)
+        opt = dmd2.dmd2_optimiser(1e-3, warmup=TB_STEPS // 10, weight_decay=0.0)
+        state = dmd2.init_dmd2(teacher, jr.key(0), opt, dcfg, 0, student)
+        step = lambda st, key: dmd2.dmd2_step(st, teacher, draw(key, 5 * TB_BATCH).reshape(5, TB_BATCH, d),
                                              jr.fold_in(key, 1), cfg=dcfg, optimiser=opt, schedule=SCHED)
     state, _ = eqx.filter_jit(lambda s0, keys: mmd.scan_steps(step, s0, keys))(state, jr.split(jr.key(seed), TB_STEPS))
     trained = state.student.model if algorithm == "instant" else state.generator.model

@@ -25,6 +25,7 @@ from checkpoints import (  # noqa: F401 - re-exported: train.Run, train.Stop, ..
     CHECKPOINT_VERSION, NOT_TRAINING, TEACHER_FIELDS, CheckpointError, Run, Stop, WriteError, phase_fields, tree_arrays,
 )
 import losses as L
+import dmd2
 import mmd
 import parallel
 import tasks
@@ -154,7 +155,7 @@ class Averaged(eqx.Module):
     Moment matching students can be averaged too (`Config.mm_ema`; the paper keeps none, and neither do we by default).
     """
 
-    state: eqx.Module  # mmd.DMD2State, AlternatingState or InstantState
+    state: eqx.Module  # dmd2.DMD2State, AlternatingState or InstantState
     ema: eqx.Module  # bias-corrected EMA of student(state)
     count: jax.Array  # () int32, updates averaged into `ema`
 
@@ -221,14 +222,14 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
     c = dataclasses.replace(cfg, **overrides)
     b, sched = cfg.batch, task.schedule
     if method == "dmd2":
-        dcfg = mmd.DMD2Config(k=k, ttur=c.ttur, gan=c.gan, backward_sim=c.backward_sim,
+        dcfg = dmd2.DMD2Config(k=k, ttur=c.ttur, gan=c.gan, backward_sim=c.backward_sim,
                               per_step_critic=c.per_step_critic, times=dmd2_times(c, k, task), gan_gen_weight=c.gan_gen_weight)
-        opt = mmd.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5))
+        opt = dmd2.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5))
         if c.dmd2_lr_decay:
-            opt = (mmd.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5),
+            opt = (dmd2.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5),
                                       decay_steps=c.dmd2_train_steps), opt)
-        state = mmd.init_dmd2(auxiliary_start(cfg, task, net), jr.key(cfg.seed + 1), opt, dcfg, task.feat_dim, student=net)
-        step = with_labels(lambda st, kk, x, lab: mmd.dmd2_step(
+        state = dmd2.init_dmd2(auxiliary_start(cfg, task, net), jr.key(cfg.seed + 1), opt, dcfg, task.feat_dim, student=net)
+        step = with_labels(lambda st, kk, x, lab: dmd2.dmd2_step(
             st, teacher, x.reshape(dcfg.ttur, b, *x.shape[1:]), kk, cfg=dcfg, optimiser=opt, schedule=sched,
             label=None if lab is None else lab.reshape(dcfg.ttur, b)), task, dcfg.ttur * b, mesh)
         num, decay = c.train_steps(method), c.dmd2_ema
