@@ -137,7 +137,7 @@ def make_steps(batch=256, width=128, depth=3, seed=SEED, names=tuple(NFE)):
         return mmd.instant_step(st, f["teacher"], f["precond"], draw(f, k, batch), draw(f, jr.fold_in(k, 2), batch),
                                 jr.fold_in(k, 1), cfg=mcfg, optimiser=m_opt, schedule=schedule)
 
-    def dmd2(st, f, k):
+    def dmd2_(st, f, k):
         x_real = draw(f, k, dcfg.ttur * batch).reshape(dcfg.ttur, batch, 2)
         return dmd2.dmd2_step(st, f["teacher"], x_real, jr.fold_in(k, 1), cfg=dcfg, optimiser=d_opt, schedule=schedule)
 
@@ -145,7 +145,7 @@ def make_steps(batch=256, width=128, depth=3, seed=SEED, names=tuple(NFE)):
         "teacher": lambda: (mmd.init_player(net, t_opt), teacher),
         "alternating": lambda: (mmd.init_alternating(net, m_opt), alternating),
         "instant": lambda: (mmd.init_instant(net, m_opt, frozen["precond"]), instant),
-        "dmd2": lambda: (dmd2.init_dmd2(net, jr.fold_in(key, 3), d_opt, dcfg, width), dmd2),
+        "dmd2": lambda: (dmd2.init_dmd2(net, jr.fold_in(key, 3), d_opt, dcfg, width), dmd2_),
     }
     return {name: inits[name]() for name in names}, frozen
 
