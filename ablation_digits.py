@@ -80,7 +80,7 @@ def main(method, k, seeds, over, preset="default", keys=1):
         for e in range(keys):  # key 0 is train.py's evaluation key
             key_e = key_eval if e == 0 else jr.fold_in(key_eval, e)
             x, label, _ = train.draw_samples(model, task, jr.split(key_e, 3)[0], c.n_samples, k, step,
-                                             train.dmd2_times(c, k, task) if method == "dmd2" else None)
+                                             train.step_times(c, method, k, task))
             res.append(task.evaluate(x, label, jr.split(key_e, 3)[1]))
         out = {"fd": res[0]["fd"], "acc": res[0].get("acc"), "secs": round(secs)}
         if keys > 1:

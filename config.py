@@ -69,6 +69,8 @@ class Config:
     dmd2_lr_decay: bool = False  # the generator's learning rate decays along a cosine to 0 (the critic's stays)
     gan_gen_weight: float = 3e-3  # DMD2: weight of the generator's GAN loss (official ImageNet-64: 3e-3)
     dmd2_ema: float = 0.99  # decay of the DMD2 generator's weight average, which is sampled (0: the last weights)
+    step_grid: str = "schedule"  # MM students' and teacher samplers' k-step grid: schedule (uniform in t) | cosine
+    # (uniform in the time of the unshifted cosine schedule: sampling.grid_times with shift 0; the same for toys)
     teacher_ks: tuple = (1, 2, 4, 8, 1000)
     n_samples: int = 10_000
     chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
@@ -110,6 +112,8 @@ class Config:
         for flag, xs in (("--methods", self.methods), ("--steps", self.mm_steps), ("--steps", self.dmd2_steps)):
             if len(set(xs)) < len(xs):  # one checkpoint per phase name: a repeated phase would resume its twin
                 raise ValueError(f"{flag} lists a value twice: {','.join(map(str, xs))}")
+        if self.step_grid not in ("schedule", "cosine"):
+            raise ValueError(f"unknown step_grid {self.step_grid!r}; choose 'schedule' or 'cosine'")
         if self.dmd2_grid not in ("official", "uniform"):
             raise ValueError(f"unknown dmd2_grid {self.dmd2_grid!r}; choose 'official' or 'uniform'")
         for times in self.dmd2_times or ():  # one tuple of input times per k; a k without one uses the uniform grid
@@ -132,6 +136,11 @@ class Config:
             mmd.MMConfig(weighting=self.instant_weighting)
         dmd2.DMD2Config(ttur=self.ttur)
         mmd.MMConfig(nu_decay=self.nu_decay)
+
+    @property
+    def grid_shift(self):
+        """`MMConfig.grid_shift` of `step_grid`: None (uniform in t) or 0.0 (the unshifted cosine schedule's grid)."""
+        return 0.0 if self.step_grid == "cosine" else None
 
     def train_steps(self, method: str) -> int:
         """The number of student updates of `method` (instant_train_steps 0: Algorithm 3 takes mm_train_steps)."""

@@ -173,23 +173,30 @@ class Noised(NamedTuple):
     label: Optional[jax.Array] = None  # (B,) or None
 
 
-def sample_times(schedule: Schedule, key, batch: int, k: int, grid: bool = False):
+def sample_times(schedule: Schedule, key, batch: int, k: int, grid: bool = False, grid_shift=None):
     """Algorithm 2, lines 1-2: `s ~ p(s)` (EDM test-time schedule), `t = min(s + delta, 1)`, delta ~ U[0, 1/k].
 
     `grid=True`: t is instead the first point of the sampler's grid {1/k, ..., 1} at or above s, so the
     student is trained only at the times it is sampled at (delta = t - s still lies in [0, 1/k]).
+    `grid_shift`: the same rules in the grid time u of a sampler on `sampling.grid_times(schedule, k,
+    grid_shift)` (`Schedule.to_grid` / `from_grid`), so delta is uniform on [0, 1/k] in u; None: u = t.
     """
     ks, kd = jr.split(key)
     s = edm_time(schedule, ks, (batch,))
+    u = s if grid_shift is None else schedule.to_grid(s, grid_shift)
     if grid:
-        return jnp.clip(jnp.ceil(s * k - 1e-4) / k, 1.0 / k, 1.0), s
-    return jnp.minimum(s + jr.uniform(kd, (batch,)) / k, 1.0), s
+        u_t = jnp.clip(jnp.ceil(u * k - 1e-4) / k, 1.0 / k, 1.0)
+    else:
+        u_t = jnp.minimum(u + jr.uniform(kd, (batch,)) / k, 1.0)
+    if grid_shift is None:
+        return u_t, s
+    return jnp.maximum(schedule.from_grid(u_t, grid_shift), s), s  # t >= s despite rounding of the round trip
 
 
-def noised_batch(schedule: Schedule, x, key, k: int, label=None, grid: bool = False) -> Noised:
-    """Algorithm 2, lines 1-3: times, then forward diffusion of data `x` to `z_t`."""
+def noised_batch(schedule: Schedule, x, key, k: int, label=None, grid: bool = False, grid_shift=None) -> Noised:
+    """Algorithm 2, lines 1-3: times (`sample_times`), then forward diffusion of data `x` to `z_t`."""
     kt, kn, kz = jr.split(key, 3)
-    t, s = sample_times(schedule, kt, x.shape[0], k, grid)
+    t, s = sample_times(schedule, kt, x.shape[0], k, grid, grid_shift)
     return Noised(diffuse(schedule, x, t, jr.normal(kn, x.shape)), t, s, kz, label)
 
 

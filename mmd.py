@@ -8,6 +8,7 @@ transformations passed in (defaults below follow each paper). `scan_steps` runs 
 """
 
 import dataclasses
+from typing import Optional
 
 import equinox as eqx
 import jax
@@ -79,6 +80,7 @@ class MMConfig:
     weighting: str = "edm"  # w(s): edm | flat | dmd (Sec. 3.3: flat or dmd for k = 1, 2)
     zs_sampling: str = "posterior"  # posterior q(z_s|z_t,x~) | marginal q(z_s|x~) (Sec. 5.2)
     time_grid: bool = False  # t on the k-step sampling grid (losses.sample_times) instead of s + U[0, 1/k]
+    grid_shift: Optional[float] = None  # the student's step grid: sampling.grid_times (None: uniform in t)
     nu_decay: float = 0.0  # Algorithm 3: EMA of nu over updates (0: the last batch's nu, as printed)
     aux_steps: int = 1  # Algorithm 2: auxiliary updates per generator update (1: the paper's strict alternation)
 
@@ -161,7 +163,7 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
     gen_opt, aux_opt = per_player(optimiser)
 
     def aux_update(aux: Player, k):
-        batch = L.noised_batch(schedule, x, k, cfg.k, label, cfg.time_grid)
+        batch = L.noised_batch(schedule, x, k, cfg.k, label, cfg.time_grid, cfg.grid_shift)
         x_tilde, z_s = L.generate(gen.model, schedule, batch, cfg.zs_sampling)
         loss, grads = eqx.filter_value_and_grad(L.auxiliary_loss)(
             aux.model, teacher, schedule, sg(x_tilde), z_s, batch.s, cfg.weighting, label
@@ -174,7 +176,7 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
         aux, aux_losses = scan_steps(aux_update, aux, jr.split(k_aux, cfg.aux_steps))
         aux_loss = aux_losses[-1]
 
-    batch = L.noised_batch(schedule, x, k_gen, cfg.k, label, cfg.time_grid)
+    batch = L.noised_batch(schedule, x, k_gen, cfg.k, label, cfg.time_grid, cfg.grid_shift)
     gen_loss, grads = eqx.filter_value_and_grad(L.generator_loss)(
         gen.model, aux.model, teacher, schedule, batch, cfg.weighting, cfg.zs_sampling
     )
@@ -273,8 +275,8 @@ def instant_step(state: InstantState, teacher, precond, x, x_prime, key, *, cfg:
     """
     check_preconditioner(precond, teacher)  # structure and shapes only: checked while tracing
     k1, k2 = jr.split(key)
-    batch = L.noised_batch(schedule, x, k1, cfg.k, label, cfg.time_grid)
-    batch_prime = L.noised_batch(schedule, x_prime, k2, cfg.k, label_prime, cfg.time_grid)
+    batch = L.noised_batch(schedule, x, k1, cfg.k, label, cfg.time_grid, cfg.grid_shift)
+    batch_prime = L.noised_batch(schedule, x_prime, k2, cfg.k, label_prime, cfg.time_grid, cfg.grid_shift)
     student = state.student
     nu = L.instant_nu(student.model, teacher, precond, schedule, batch_prime, cfg.weighting, cfg.zs_sampling, data_grad)
     tangent, nu_state = optax.ema(cfg.nu_decay, debias=True).update(nu, state.nu)  # decay 0: tangent = nu

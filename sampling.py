@@ -94,6 +94,17 @@ class Schedule(eqx.Module):
         """Inverse of `logsnr` on the unclipped range."""
         return 2.0 / jnp.pi * jnp.arctan(jnp.exp(-(jnp.asarray(logsnr) - self.shift) / 2))
 
+    def from_grid(self, u, grid_shift):
+        """The time t of this schedule with the log-SNR that time u has under the cosine schedule shifted by
+        `grid_shift`: `tan(pi t / 2) = tan(pi u / 2) exp((shift - grid_shift) / 2)`, so u = 1 gives t = 1 and u = 0
+        gives t = 0. A sampler's grid uniform in u is uniform in t when `grid_shift == shift`."""
+        half, c = 0.5 * jnp.pi * jnp.asarray(u, jnp.float32), math.exp((self.shift - grid_shift) / 2)
+        return jnp.clip(jnp.arctan2(jnp.sin(half) * c, jnp.cos(half)) / (0.5 * jnp.pi), 0.0, 1.0)
+
+    def to_grid(self, t, grid_shift):
+        """Inverse of `from_grid`: the grid time u of this schedule's time t."""
+        return Schedule(shift=grid_shift).from_grid(t, self.shift)
+
 
 # ----------------------------------------------------------------------------------------------
 # Forward process and posterior (Eq. 1-2).
@@ -181,6 +192,21 @@ def dmd2_official_times(schedule: "Schedule", num_steps: int, data_var: float = 
     t = np.asarray(schedule.time(jnp.asarray(lam, jnp.float32)), np.float64)
     t[0] = 1.0
     return tuple(round(float(x), 4) for x in t)
+
+
+def grid_times(schedule: "Schedule", num_steps: int, grid_shift: float):
+    """The k input times of a sampler uniform in the grid time u of the cosine schedule shifted by `grid_shift`
+    (`Schedule.from_grid` of u = 1, (k-1)/k, ..., 1/k), as Python floats; the first is 1 (pure noise).
+
+    With the schedule's own shift this is the uniform grid. An 8x8 image's schedule is shifted by
+    2 log(64 / 8) = 4.16, so its uniform 8-step grid jumps from pure noise to sigma = 0.63 in one step and
+    spends the other seven below it; `grid_shift = 0` spaces the steps as the unshifted cosine schedule does.
+    """
+    check_num_steps(num_steps)
+    u = 1.0 - np.arange(num_steps) / num_steps
+    t = np.asarray(schedule.from_grid(u, grid_shift), np.float64)
+    t[0] = 1.0
+    return tuple(float(x) for x in t)
 
 
 def check_step_times(times, num_steps):

@@ -25,6 +25,7 @@ from sampling import (
     diffuse,
     edm_time,
     edm_weight,
+    grid_times,
     posterior,
     sample,
 )
@@ -289,6 +290,50 @@ def test_mlp_denoiser_and_time_distribution():
     assert abs(np.median(sig) / med - 1) < 0.05
     w = edm_weight(SCHED, jnp.array([0.5]))  # sigma_edm = 1: (1 + 1/4) / (1/4)
     np.testing.assert_allclose(w, 5.0, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------
+# Step grids: uniform in the time u of the cosine schedule shifted by grid_shift (sampling.grid_times).
+
+
+def cosine_logsnr(u, shift):
+    return -2.0 * np.log(np.tan(np.pi * np.asarray(u, np.float64) / 2)) + shift
+
+
+@given(res=st.sampled_from([8, 16, 32, 64, 128]), g=st.floats(-3.0, 5.0), k=st.integers(1, 16))
+def test_grid_times_have_the_grid_schedules_log_snr(res, g, k):
+    sched = Schedule.for_resolution(res)
+    uniform = grid_times(sched, k, sched.shift)  # the schedule's own shift: the uniform grid t = 1 - i/k
+    np.testing.assert_allclose(uniform, 1.0 - np.arange(k) / k, atol=2e-6)
+    times = grid_times(sched, k, g)
+    assert times[0] == 1.0 and np.all(np.diff(times) < 0) and times[-1] > 0
+    u = 1.0 - np.arange(1, k) / k  # every step but the first (pure noise) has the grid's log-SNR
+    np.testing.assert_allclose(np.asarray(sched.logsnr(jnp.asarray(times[1:]))), cosine_logsnr(u, g), atol=2e-3)
+    np.testing.assert_allclose(sched.to_grid(sched.from_grid(jnp.asarray(u), g), g), u, atol=2e-6)
+
+
+@pytest.mark.parametrize("warp", [True, False])
+def test_algorithm2_times_on_a_grid_draw_delta_uniform_in_grid_time(warp):
+    """`losses.sample_times` with `grid_shift`: t >= s, and in the grid's time u, u_t - u_s ~ U[0, 1/k] where
+    u_s < 1 - 1/k (no clipping at 1): mean 1/(2k) and variance 1/(12 k^2) within Z standard errors. Without the
+    warp (`grid_shift=None`: delta uniform in t) the same check must fail on an 8x8 image schedule."""
+    import losses as L  # noqa: PLC0415
+
+    sched, k, n = Schedule.for_resolution(8), 8, 200_000
+    t, s = L.sample_times(sched, jr.key(0), n, k, grid_shift=0.0 if warp else None)
+    assert bool(jnp.all(t >= s)) and bool(jnp.all(t <= 1.0))
+    u_s, u_t = (np.asarray(sched.to_grid(a, 0.0), np.float64) for a in (s, t))
+    d = (u_t - u_s)[u_s < 1 - 1 / k]
+    m = len(d)
+    assert m > n // 4
+    ok_mean = abs(d.mean() - 1 / (2 * k)) < Z * (1 / k) / np.sqrt(12 * m)
+    ok_var = abs(d.var() - 1 / (12 * k**2)) < Z * np.sqrt(1 / (180 * k**4) / m)  # var of (U^2) terms: 1/(180 k^4)
+    assert (ok_mean and ok_var) == warp
+    if warp:  # grid=True: t is the first grid time at or above s
+        tg, sg_ = L.sample_times(sched, jr.key(1), 10_000, k, grid=True, grid_shift=0.0)
+        grid = np.asarray(grid_times(sched, k, 0.0))
+        nearest = np.abs(np.asarray(tg)[:, None] - grid[None]).min(axis=1)
+        assert nearest.max() < 1e-5 and bool(jnp.all(tg >= sg_))
 
 
 # ----------------------------------------------------------------------------------------------

@@ -218,6 +218,19 @@ def test_mm_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedu
         train.mmd.MMConfig(aux_steps=0)
 
 
+def test_config_step_grid():
+    cos = dataclasses.replace(TINY, data="digits", step_grid="cosine")
+    assert cos.grid_shift == 0.0 and TINY.grid_shift is None
+    task = train.tasks.make_task(cos)  # 8x8 images: a shifted schedule, so the grids differ
+    want = train.sampling.grid_times(task.schedule, 4, 0.0)
+    assert train.step_times(cos, "mm_alternating", 4, task) == want == train.step_times(cos, "teacher", 4, task)
+    assert want != tuple(1.0 - i / 4 for i in range(4))
+    assert train.step_times(dataclasses.replace(cos, step_grid="schedule"), "mm_instant", 4, task) is None
+    assert train.step_times(cos, "dmd2", 4, task) == train.dmd2_times(cos, 4, task)
+    with pytest.raises(ValueError, match="unknown step_grid 'karras'; choose 'schedule' or 'cosine'"):
+        dataclasses.replace(TINY, step_grid="karras")
+
+
 @pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps", "mm_aux_steps"])
 def test_config_rejects_counts_below_one(field):
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1; got 0"):

@@ -216,6 +216,14 @@ def dmd2_times(cfg: Config, k, task: tasks.Task):
     return sampling.dmd2_official_times(task.schedule, k, float(np.mean(np.var(x, axis=0))))
 
 
+def step_times(cfg: Config, method, k, task: tasks.Task):
+    """The k input times a sampler of `method` (a `METHODS` student or "teacher") steps through: DMD2's
+    `dmd2_times`, else `cfg.step_grid`'s (None: the uniform grid)."""
+    if method == "dmd2":
+        return dmd2_times(cfg, k, task)
+    return None if cfg.grid_shift is None else sampling.grid_times(task.schedule, k, cfg.grid_shift)
+
+
 def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh):
     """A distillation phase's initial state, step function and number of steps. `teacher` is what the losses
     call; `net` the network students start from."""
@@ -236,7 +244,7 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
     else:
         weighting = c.instant_weighting if method == "mm_instant" and c.instant_weighting != "same" else c.weighting
         weighting = weighting if weighting != "auto" else ("flat" if k <= 2 else "edm")
-        mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling)
+        mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift)
         num = c.train_steps(method)
         if method == "mm_alternating":
             mcfg = dataclasses.replace(mcfg, aux_steps=c.mm_aux_steps)
@@ -359,12 +367,13 @@ def main(cfg: Config, run: Run):
         model, history, seconds = distil(run, cfg, name, method, k, overrides, task, teacher, net, precond, mesh,
                                          jr.fold_in(key_distil, i))
         students[name] = (model, "marginal" if method == "dmd2" else "ancestral", k,
-                          dmd2_times(dataclasses.replace(cfg, **overrides), k, task) if method == "dmd2" else None)
+                          step_times(dataclasses.replace(cfg, **overrides), method, k, task))
         histories[name] = history
         phase_log[name] = {"seconds": seconds, "final": {k_: float(v[-1]) for k_, v in history.items()}}
 
     run.check()
-    samplers = {f"teacher_{step}_k{k}": (teacher, step, k, None) for step in ("ancestral", "ddim") for k in cfg.teacher_ks}
+    samplers = {f"teacher_{step}_k{k}": (teacher, step, k, step_times(cfg, "teacher", k, task))
+                for step in ("ancestral", "ddim") for k in cfg.teacher_ks}
     samplers.update(students)
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
     samples, results = {}, {}
