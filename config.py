@@ -194,7 +194,9 @@ IMAGE_PRESETS = {
     # slower auxiliary model (Algorithm 2's g_phi), mm_aux_lr 3e-4 against the generator's 1e-3. Eight-key FD of
     # student seeds 2 / 3 / 4: 5.24 / 5.35 / 5.61 against 6.25 / 6.14 / 6.55 with one rate (teacher 3.88); seed 2
     # with aux lr 1e-4 5.51, 3e-3 7.26, two auxiliary updates per generator update 8.19 (README, "Algorithm 2's
-    # auxiliary model").
+    # auxiliary model"). Retrained on a 2-core Intel Xeon the teacher differs in float rounding and so do its students:
+    # teacher 4.07, alternating k = 8 seeds 2 / 3 9.64 / 9.87, one rate 9.19, so these rankings hold for one teacher;
+    # and that teacher's own 8-step sampler on step_grid="cosine" gives 5.60 (README, "The same preset on another CPU").
     "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
                    mm_train_steps=1500, instant_train_steps=3000, mm_lr=1e-3, mm_aux_lr=3e-4, mm_ema=0.9995,
                    dmd2_train_steps=1000,
