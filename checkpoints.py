@@ -39,7 +39,8 @@ CHECKPOINT_VERSION = 1  # bump when what a checkpoint holds changes; older check
 # Config fields the teacher phase depends on; the distillation phases depend on every field but NOT_TRAINING.
 TEACHER_FIELDS = ("data", "dim", "teacher", "seed", "batch", "width", "depth", "teacher_steps", "teacher_lr",
                   "teacher_ema", "image_width", "image_depth", "p_uncond")
-NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", "n_samples", "chunk", "classifier_cache")
+NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", "teacher_samplers", "n_samples",
+                "chunk", "classifier_cache")
 
 
 def phase_fields(cfg, name, overrides=None):

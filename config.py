@@ -72,6 +72,7 @@ class Config:
     step_grid: str = "schedule"  # MM students' and teacher samplers' k-step grid: schedule (uniform in t) | cosine
     # (uniform in the time of the unshifted cosine schedule: sampling.grid_times with shift 0; the same for toys)
     teacher_ks: tuple = (1, 2, 4, 8, 1000)
+    teacher_samplers: tuple = ("ancestral", "ddim")  # the teacher's samplers scored at each of teacher_ks
     n_samples: int = 10_000
     chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
     # images
@@ -112,6 +113,10 @@ class Config:
         for flag, xs in (("--methods", self.methods), ("--steps", self.mm_steps), ("--steps", self.dmd2_steps)):
             if len(set(xs)) < len(xs):  # one checkpoint per phase name: a repeated phase would resume its twin
                 raise ValueError(f"{flag} lists a value twice: {','.join(map(str, xs))}")
+        if not self.teacher_samplers or len(set(self.teacher_samplers)) < len(self.teacher_samplers) or any(
+                s not in ("ancestral", "ddim") for s in self.teacher_samplers):
+            raise ValueError(f"teacher_samplers must list 'ancestral' and / or 'ddim', each once; "
+                             f"got {self.teacher_samplers!r}")
         if self.step_grid not in ("schedule", "cosine"):
             raise ValueError(f"unknown step_grid {self.step_grid!r}; choose 'schedule' or 'cosine'")
         if self.dmd2_grid not in ("official", "uniform"):
@@ -152,8 +157,8 @@ class Config:
 # Toy data: DMD2 trains 6,000 generator updates without its GAN term and samples the 0.999 weight average (README,
 # DMD2 table, three seeds on ring8, MMD^2 x 1e-3 at k = 1 / 4: 1,000 updates, average 0.99: 2.81 / 3.36; 3,000: 1.60 /
 # 1.58; 6,000 with 0.999: 1.17 / 1.29, and the one-step generator's off-mode mass fell from 3.6-5.0% to 2.6-2.8%;
-# without the GAN it was better on every seed at 1,000 updates, level at 3,000, and 2.6x cheaper). Images keep the
-# GAN; smoke exercises it.
+# without the GAN it was better on every seed at 1,000 updates, level at 3,000, and 2.6x cheaper). The image presets
+# `full` and `smoke` keep the GAN (smoke exercises it); the digits CPU default drops it (its comment below).
 TOY_DMD2 = dict(gan=False, dmd2_train_steps=6000, dmd2_ema=0.999)
 PRESETS = {
     "default": Config(**TOY_DMD2),
@@ -169,14 +174,20 @@ PRESETS = {
 # without, student seeds 0 / 1 / 2; 1,200 updates gave 12.8 / 11.6 / 11.2, mm_lr 2e-3 13.1 / 14.0 / 13.4 (README).
 IMAGE_PRESETS = {
     "default": Config(data="digits", batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=600, mm_lr=1e-3,
-                      dmd2_train_steps=100, dmd2_ema=0.0, dmd2_steps=(1,), teacher_ks=(1, 2, 4, 8, 64, 256), n_samples=898,
+                      dmd2_train_steps=150, dmd2_ema=0.0, gan=False, ttur=2, dmd2_steps=(1,),
+                      teacher_ks=(1, 2, 4, 8, 64, 256), teacher_samplers=("ancestral",), n_samples=898,
                       chunk=100, data_grad_batches=100, nu_batch_mult=1, instant_weighting="flat", mm_ema=0.99),
-    # dmd2_ema 0: 100 updates are too few for a 0.99 average (not measured on digits). Instant MM on digits (README,
+    # dmd2_ema 0: too few updates for a 0.99 average (not measured on digits). Instant MM on digits (README,
     # one run each, FD): flat weighting 5.14 against EDM's 38.0 (alternating MM: EDM 9.51, flat 11.9); 1,000
     # data-term batches 39.8 and B' = 2B 37.2 against 38.0 with 100 and B' = B (both with EDM weighting).
+    # DMD2 k = 1 at this budget (README, "Fitting the CPU default into 20 minutes"; FD mean of 4 evaluation keys,
+    # student seeds 0 / 1 / 2): 150 updates, no GAN, 2 critic updates each: 53.2 / 51.8 / 42.9 in 66-93 s, against
+    # 175 (seed 0) in 121 s with the GAN, 5 critic updates and 100 updates (the former default). The teacher's DDIM
+    # sampler is not scored here (ancestral is better at every k >= 8 on digits: 256 steps 8.14 against 5.29) to
+    # save its 70-90 s; the other presets score both.
     "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
                     dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8), n_samples=200, chunk=20,
-                    teacher_ema=0.9),
+                    teacher_ema=0.9, teacher_samplers=("ancestral",)),
     # For one GPU: a teacher trained 4x longer with a weight average, every method at k = 1, 2, 4, 8 with the CPU
     # default's MM student settings (mm_lr 1e-3, from the CPU tables above; the paper's 1e-4 gave alternating k = 8
     # FD 5.3-6.2 against the teacher's 4.7-5.0 on an H100) but 1,500 updates and a longer student average, the
@@ -222,7 +233,8 @@ def parse(argv=None):
     p.add_argument("--ttur", type=int, help="DMD2 critic updates per generator update")
     p.add_argument("--guidance", type=float, help="classifier-free guidance scale of the teacher (images; 0 = none)")
     p.add_argument("--gan", dest="gan", action="store_true", default=None,
-                   help="DMD2 with its GAN term (the default for images; toy data default to --no-gan, see README)")
+                   help="DMD2 with its GAN term (the default of --preset full for images; toy data and the digits CPU "
+                        "default run --no-gan, see README)")
     p.add_argument("--no-gan", dest="gan", action="store_false", default=None)
     p.add_argument("--no-backward-sim", dest="backward_sim", action="store_false", default=None)
     p.add_argument("--out", help="output directory (default runs/<data>-<timestamp>)")

@@ -274,8 +274,8 @@ def plot_images(path, titles, images, labels, cols=4, dpi=100, title_px=36, marg
 
 def plot_metric_vs_nfe(path, results, floor, m="mmd2"):
     """metric_vs_nfe.png: the primary metric `m` against network evaluations per sample (log-log), the teacher's
-    ancestral and DDIM samplers as lines, each student as a marked point (its method's points joined by a dotted
-    line), the real-vs-real floor dashed. Values <= 0 (MMD^2 is unbiased, so it can dip below 0) sit on the bottom."""
+    samplers (ancestral, DDIM: those of `Config.teacher_samplers`) as lines, each student as a marked point (its
+    method's points joined by a dotted line), the real-vs-real floor dashed. Values <= 0 (MMD^2 is unbiased, so it can dip below 0) sit on the bottom."""
     vals = [r[m] for r in results.values() if m in r]
     bottom = 0.5 * min([v for v in vals if v > 0] + ([floor[m]] if floor.get(m, 0) > 0 else []), default=1e-6)
     y = lambda v: max(v, bottom)

@@ -93,12 +93,15 @@ def test_good_arguments(tmp_path):
 
 @pytest.mark.parametrize("gan", [True, False])
 def test_ablations_run_the_other_gan_setting(gan, tmp_path):
-    """With ablations, DMD2's GAN term is also run the other way from the config (toy presets are without it)."""
+    """With ablations, DMD2's GAN term is also run the other way from the config (toy presets and the digits CPU
+    default are without it)."""
     cfg = dataclasses.replace(TINY, ablations=True, gan=gan)
     (abl,) = [p for p in train.phases(cfg) if "gan" in p[0]]
     assert abl == (f"dmd2_{'nogan' if gan else 'gan'}_k1", "dmd2", 1, {"gan": not gan})
-    assert train.PRESETS["default"].gan is False and train.IMAGE_PRESETS["default"].gan is True
+    assert train.PRESETS["default"].gan is False and train.IMAGE_PRESETS["full"].gan is True
+    assert train.IMAGE_PRESETS["default"].gan is False  # the digits CPU default: no GAN at 150 updates (README)
     assert train.parse(["--gan", "--out", str(tmp_path / "x")])[0].gan is True
+    assert train.parse(["--data", "digits", "--gan", "--out", str(tmp_path / "y")])[0].gan is True
 
 
 # ----------------------------------------------------------------------------------------------

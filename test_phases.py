@@ -4,6 +4,7 @@ phase of a few steps of the tiny configuration of `test_train.py`, with spies on
 """
 
 import dataclasses
+import re
 
 import equinox as eqx
 import jax
@@ -229,6 +230,13 @@ def test_config_step_grid():
     assert train.step_times(cos, "dmd2", 4, task) == train.dmd2_times(cos, 4, task)
     with pytest.raises(ValueError, match="unknown step_grid 'karras'; choose 'schedule' or 'cosine'"):
         dataclasses.replace(TINY, step_grid="karras")
+
+
+@pytest.mark.parametrize("samplers", [(), ("euler",), ("ancestral", "ancestral"), ("marginal",)])
+def test_config_rejects_unknown_or_repeated_teacher_samplers(samplers):
+    with pytest.raises(ValueError, match=re.escape(f"teacher_samplers must list 'ancestral' and / or 'ddim', each "
+                                                   f"once; got {samplers!r}")):
+        dataclasses.replace(TINY, teacher_samplers=samplers)
 
 
 @pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps", "mm_aux_steps"])

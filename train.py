@@ -373,7 +373,7 @@ def main(cfg: Config, run: Run):
 
     run.check()
     samplers = {f"teacher_{step}_k{k}": (teacher, step, k, step_times(cfg, "teacher", k, task))
-                for step in ("ancestral", "ddim") for k in cfg.teacher_ks}
+                for step in cfg.teacher_samplers for k in cfg.teacher_ks}
     samplers.update(students)
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
     samples, results = {}, {}
