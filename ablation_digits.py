@@ -1,6 +1,6 @@
 """The digits ablation of the README: one change at a time to one student of the CPU digits teacher, several seeds.
 
-    python ablation_digits.py [--preset full] [--keys N] METHOD K SEEDS [name=value ...]
+    python ablation_digits.py [--preset full] [--keys N] [--student-steps J] METHOD K SEEDS [name=value ...]
     e.g.  python ablation_digits.py mm_instant 8 0,1,2 instant_weighting=edm
           python ablation_digits.py dmd2 4 0,1 dmd2_train_steps=1000 dmd2_ema=0.99
           python ablation_digits.py --preset full --keys 8 mm_instant 8 0
@@ -22,6 +22,9 @@ run's key with 1, ..., N - 1; the classes and the real reference half stay the s
 changes) and adds their per-key FD, mean and standard error of the mean. With 898 samples one key's FD spans
 1.3-3 over eight keys for a k = 8 student (1.1 for the teacher's 256-step sampler), so a single key ranks only
 large differences; "fd" stays key 0's, the number of train.py's report.
+
+`--student-steps J` (0 < J < K, a diagnostic) samples with the student for its first J steps and the teacher for
+the other K - J (same grid, same keys, still K network evaluations): which of its steps the student improves.
 """
 
 import dataclasses
@@ -29,6 +32,8 @@ import json
 import sys
 from pathlib import Path
 
+import equinox as eqx
+import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
@@ -51,9 +56,22 @@ def parse(args, preset="default"):
     return over
 
 
-def main(method, k, seeds, over, preset="default", keys=1):
+class Handover(eqx.Module):
+    """`student` at input times t > `after`, `teacher` below: a sampler whose first steps are the student's."""
+
+    student: eqx.Module
+    teacher: eqx.Module
+    after: float
+
+    def __call__(self, z, t, label=None):
+        return jnp.where(t > self.after, self.student(z, t, label), self.teacher(z, t, label))
+
+
+def main(method, k, seeds, over, preset="default", keys=1, student_steps=0):
     if keys < 1:
         raise SystemExit(f"error: --keys must be an integer >= 1; got {keys}")
+    if student_steps and not (method != "teacher" and 0 < student_steps < k):
+        raise SystemExit(f"error: --student-steps {student_steps} needs a student METHOD and 0 < J < K = {k}")
     if method not in (*train.METHODS, "teacher"):
         raise SystemExit(f"error: unknown METHOD {method!r}; choose from {(*train.METHODS, 'teacher')}")
     cfg = train.IMAGE_PRESETS[preset]
@@ -67,6 +85,8 @@ def main(method, k, seeds, over, preset="default", keys=1):
     net = teacher
     teacher, precond = train.guided(c, net, precond)  # as train.main does (the students still start from `net`)
     tag = "_".join([f"{method}_k{k}"] + [f"{n}={v}" for n, v in over.items()])
+    times = train.step_times(c, method, k, task)
+    grid = [1.0 - i / k for i in range(k)] if times is None else list(times)
     for seed in seeds:
         if method == "teacher":  # the reference row: the teacher's own k-step ancestral sampler
             model, secs = teacher, 0
@@ -76,11 +96,12 @@ def main(method, k, seeds, over, preset="default", keys=1):
             run = train.Run(root / tag / f"s{seed}")
             model, _, secs = train.distil(run, c, method, method, k, {}, task, teacher, net, precond, mesh, key)
         step = "marginal" if method == "dmd2" else "ancestral"
+        if student_steps:  # switch between the input times of step J - 1 (the student's last) and step J
+            model = Handover(model, teacher, 0.5 * (grid[student_steps - 1] + grid[student_steps]))
         res = []
         for e in range(keys):  # key 0 is train.py's evaluation key
             key_e = key_eval if e == 0 else jr.fold_in(key_eval, e)
-            x, label, _ = train.draw_samples(model, task, jr.split(key_e, 3)[0], c.n_samples, k, step,
-                                             train.step_times(c, method, k, task))
+            x, label, _ = train.draw_samples(model, task, jr.split(key_e, 3)[0], c.n_samples, k, step, times)
             res.append(task.evaluate(x, label, jr.split(key_e, 3)[1]))
         out = {"fd": res[0]["fd"], "acc": res[0].get("acc"), "secs": round(secs)}
         if keys > 1:
@@ -89,14 +110,14 @@ def main(method, k, seeds, over, preset="default", keys=1):
                     "fd_sem": round(float(fds.std(ddof=1) / np.sqrt(keys)), 3)}
             if res[0].get("acc") is not None:
                 out["acc_mean"] = round(float(np.mean([r["acc"] for r in res])), 4)
-        print(tag, seed, json.dumps(out), flush=True)
+        print(tag + (f" student_steps={student_steps}" if student_steps else ""), seed, json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":
-    argv, flags = sys.argv[1:], {"--preset": "default", "--keys": "1"}
+    argv, flags = sys.argv[1:], {"--preset": "default", "--keys": "1", "--student-steps": "0"}
     while argv[:1] and argv[0] in flags and len(argv) > 1:
         flags[argv[0]], argv = argv[1], argv[2:]
-    if len(argv) < 3 or not flags["--keys"].isdigit():
+    if len(argv) < 3 or not flags["--keys"].isdigit() or not flags["--student-steps"].isdigit():
         raise SystemExit(__doc__.split("\n\n")[1])
     main(argv[0], int(argv[1]), [int(s) for s in argv[2].split(",")], parse(argv[3:], flags["--preset"]),
-         flags["--preset"], int(flags["--keys"]))
+         flags["--preset"], int(flags["--keys"]), int(flags["--student-steps"]))

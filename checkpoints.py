@@ -43,10 +43,21 @@ NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", 
                 "chunk", "classifier_cache")
 
 
+# Fields only DMD2 reads, and fields only the MM algorithms read: a phase of one does not depend on the other's.
+DMD2_FIELDS = ("ttur", "gan", "backward_sim", "per_step_critic", "dmd2_grid", "dmd2_times", "dmd2_train_steps", "dmd2_lr",
+               "dmd2_lr_decay", "gan_gen_weight", "dmd2_ema")
+MM_FIELDS = ("zs_sampling", "weighting", "instant_weighting", "mm_train_steps", "mm_lr", "instant_lr",
+             "instant_train_steps", "mm_aux_steps", "mm_aux_lr", "mm_ema", "precond_eps", "instant_eq10", "nu_decay",
+             "data_grad_batches", "nu_batch_mult", "step_grid")
+
+
 def phase_fields(cfg, name, overrides=None):
-    """The config fields phase `name` depends on, as JSON values: stored beside its checkpoint, compared on resume."""
+    """The config fields phase `name` depends on, as JSON values: stored beside its checkpoint, compared on resume.
+    The teacher: TEACHER_FIELDS; a DMD2 phase (name `dmd2...`) every field but NOT_TRAINING and MM_FIELDS; an MM
+    phase every field but NOT_TRAINING and DMD2_FIELDS."""
     c = dataclasses.asdict(dataclasses.replace(cfg, **(overrides or {})))
-    keep = TEACHER_FIELDS if name == "teacher" else [f for f in c if f not in NOT_TRAINING]
+    other = MM_FIELDS if name.startswith("dmd2") else DMD2_FIELDS
+    keep = TEACHER_FIELDS if name == "teacher" else [f for f in c if f not in NOT_TRAINING and f not in other]
     return json.loads(json.dumps({f: c[f] for f in keep}))
 
 
@@ -129,11 +140,11 @@ class Run:
         if meta.get("version") != CHECKPOINT_VERSION:
             raise refuse(f"written by another version of train.py (checkpoint format {meta.get('version')}, "
                          f"this code {CHECKPOINT_VERSION})")
-        saved = meta.get("config")
-        if fields is not None and saved != fields:
-            saved = saved or {}
-            diff = [f"{k} = {saved.get(k)!r} there, {fields.get(k)!r} in this run" for k in sorted({*saved, *fields})
-                    if saved.get(k) != fields.get(k)]
+        saved = meta.get("config") or {}
+        # a field saved there that this phase does not depend on (now) is ignored; one missing there refuses
+        diff = [f"{k} = {saved.get(k)!r} there, {v!r} in this run" for k, v in sorted((fields or {}).items())
+                if saved.get(k) != v]
+        if fields is not None and diff:
             raise refuse(f"trained with another config ({'; '.join(diff)})")
         have, want = meta.get("arrays") or [], tree_arrays(like)
         if have != want:

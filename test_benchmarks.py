@@ -1,6 +1,11 @@
-"""Smoke test of `benchmarks.py` at toy size: the tables build and hold what they should."""
+"""Smoke test of `benchmarks.py` at toy size: the tables build and hold what they should; the ablation drivers'
+pieces."""
+
+import equinox as eqx
+import jax.numpy as jnp
 
 import benchmarks
+from ablation_digits import Handover
 
 
 def test_sampler_table_toy():
@@ -17,3 +22,17 @@ def test_steps_table_toy():
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 and rows[1].startswith("| teacher")
     assert rows[1].split(" | ")[2] == "1.00" and "(3/3)" in rows[1]  # the teacher is its own unit
+
+
+def test_handover_is_the_student_above_its_time_and_the_teacher_below():
+    """ablation_digits --student-steps: the student's steps are those whose input time lies above `after`."""
+    class Const(eqx.Module):
+        c: float
+
+        def __call__(self, z, t, label=None):
+            return jnp.full_like(z, self.c)
+
+    m = Handover(Const(1.0), Const(-1.0), 0.6875)  # K = 8, J = 3: between the input times 0.75 and 0.625
+    z = jnp.zeros(3)
+    got = [float(m(z, jnp.float32(1.0 - i / 8))[0]) for i in range(8)]
+    assert got == [1.0, 1.0, 1.0] + [-1.0] * 5

@@ -177,6 +177,27 @@ def test_checkpoint_of_another_shape_is_refused(tmp_path):
     assert step == 4 and len(history["loss"]) == 4
 
 
+@pytest.mark.parametrize("phase", ["mm_alternating_k2", "mm_instant_k2", "dmd2_k1", "dmd2_nogan_k1"])
+def test_a_phase_resumes_across_changes_of_fields_it_does_not_read(phase, tmp_path):
+    """An MM phase ignores DMD2's fields and a DMD2 phase MM's (and any phase what only scoring reads), and a
+    field saved there that the phase no longer reads does not refuse it; a field it reads does."""
+    run, state = train.Run(tmp_path), (jnp.zeros(3),)
+    save(run, phase, state, train.phase_fields(TINY, phase))
+    dmd2_phase = phase.startswith("dmd2")
+    ignored = dict(mm_lr=0.5, zs_sampling="marginal", step_grid="cosine") if dmd2_phase else dict(ttur=7, gan=False)
+    read = dict(ttur=7) if dmd2_phase else dict(mm_lr=0.5)
+    for over in ({**ignored, "teacher_samplers": ("ancestral",), "n_samples": 3}, read, {"batch": 3}):
+        fields = train.phase_fields(dataclasses.replace(TINY, **over), phase)
+        if over is read or "batch" in over:
+            with pytest.raises(ValueError, match=f"trained with another config \\({next(iter(over))} = "):
+                run.load_phase(phase, state, fields)
+        else:
+            assert run.load_phase(phase, state, fields)[1] == 10
+    stale = {**train.phase_fields(TINY, phase), "a_field_no_longer_read": 1}  # as an older code version saved it
+    save(run, phase, state, stale)
+    assert run.load_phase(phase, state, train.phase_fields(TINY, phase))[1] == 10
+
+
 # ----------------------------------------------------------------------------------------------
 # 2. Writes that fail.
 
