@@ -51,6 +51,13 @@ MM_FIELDS = ("zs_sampling", "weighting", "instant_weighting", "mm_train_steps", 
              "data_grad_batches", "nu_batch_mult", "step_grid")
 
 
+def config_defaults():
+    """`config.Config`'s default values, as JSON values (what `phase_fields` stores)."""
+    from config import Config  # noqa: PLC0415 - config does not import this module; its users import both
+
+    return json.loads(json.dumps({f.name: f.default for f in dataclasses.fields(Config)}))
+
+
 def phase_fields(cfg, name, overrides=None):
     """The config fields phase `name` depends on, as JSON values: stored beside its checkpoint, compared on resume.
     The teacher: TEACHER_FIELDS; a DMD2 phase (name `dmd2...`) every field but NOT_TRAINING and MM_FIELDS; an MM
@@ -141,9 +148,11 @@ class Run:
             raise refuse(f"written by another version of train.py (checkpoint format {meta.get('version')}, "
                          f"this code {CHECKPOINT_VERSION})")
         saved = meta.get("config") or {}
-        # a field saved there that this phase does not depend on (now) is ignored; one missing there refuses
-        diff = [f"{k} = {saved.get(k)!r} there, {v!r} in this run" for k, v in sorted((fields or {}).items())
-                if saved.get(k) != v]
+        # A field saved there that this phase does not read (now) is ignored. A field missing there was added to
+        # Config after the checkpoint was written, with a default that keeps the old behaviour: it was that default.
+        defaults = config_defaults()
+        saved = {k: saved.get(k, defaults.get(k)) for k in fields or {}}
+        diff = [f"{k} = {saved[k]!r} there, {v!r} in this run" for k, v in sorted((fields or {}).items()) if saved[k] != v]
         if fields is not None and diff:
             raise refuse(f"trained with another config ({'; '.join(diff)})")
         have, want = meta.get("arrays") or [], tree_arrays(like)

@@ -196,6 +196,13 @@ def test_a_phase_resumes_across_changes_of_fields_it_does_not_read(phase, tmp_pa
     stale = {**train.phase_fields(TINY, phase), "a_field_no_longer_read": 1}  # as an older code version saved it
     save(run, phase, state, stale)
     assert run.load_phase(phase, state, train.phase_fields(TINY, phase))[1] == 10
+    # a field added to Config after the checkpoint was written: it was trained at the field's default
+    new = "gan_gen_weight" if dmd2_phase else "step_grid"
+    save(run, phase, state, {k: v for k, v in train.phase_fields(TINY, phase).items() if k != new})
+    assert run.load_phase(phase, state, train.phase_fields(TINY, phase))[1] == 10
+    other = dict(gan_gen_weight=0.5) if dmd2_phase else dict(step_grid="cosine")
+    with pytest.raises(ValueError, match=f"{new} = {getattr(TINY, new)!r} there, {other[new]!r} in this run"):
+        run.load_phase(phase, state, train.phase_fields(dataclasses.replace(TINY, **other), phase))
 
 
 # ----------------------------------------------------------------------------------------------
