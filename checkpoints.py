@@ -36,7 +36,8 @@ class WriteError(OSError):
 
 
 CHECKPOINT_VERSION = 1  # bump when what a checkpoint holds changes; older checkpoints are then refused, by name
-# Config fields the teacher phase depends on; the distillation phases depend on every field but NOT_TRAINING.
+# Config fields the teacher phase depends on; a distillation phase depends on every field but NOT_TRAINING and
+# the other algorithm's fields (DMD2_FIELDS or MM_FIELDS).
 TEACHER_FIELDS = ("data", "dim", "teacher", "seed", "batch", "width", "depth", "teacher_steps", "teacher_lr",
                   "teacher_ema", "image_width", "image_depth", "p_uncond")
 NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", "teacher_samplers", "n_samples",
@@ -44,8 +45,8 @@ NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", 
 
 
 # Fields only DMD2 reads, and fields only the MM algorithms read: a phase of one does not depend on the other's.
-DMD2_FIELDS = ("ttur", "gan", "backward_sim", "per_step_critic", "dmd2_grid", "dmd2_times", "dmd2_train_steps", "dmd2_lr",
-               "dmd2_lr_decay", "gan_gen_weight", "dmd2_ema")
+DMD2_FIELDS = ("ttur", "gan", "backward_sim", "per_step_critic", "dmd2_grid", "dmd2_times", "dmd2_train_steps",
+               "dmd2_lr", "dmd2_lr_decay", "gan_gen_weight", "dmd2_ema")
 MM_FIELDS = ("zs_sampling", "weighting", "instant_weighting", "mm_train_steps", "mm_lr", "instant_lr",
              "instant_train_steps", "mm_aux_steps", "mm_aux_lr", "mm_ema", "precond_eps", "instant_eq10", "nu_decay",
              "data_grad_batches", "nu_batch_mult", "step_grid")
@@ -152,7 +153,8 @@ class Run:
         # Config after the checkpoint was written, with a default that keeps the old behaviour: it was that default.
         defaults = config_defaults()
         saved = {k: saved.get(k, defaults.get(k)) for k in fields or {}}
-        diff = [f"{k} = {saved[k]!r} there, {v!r} in this run" for k, v in sorted((fields or {}).items()) if saved[k] != v]
+        diff = [f"{k} = {saved[k]!r} there, {v!r} in this run" for k, v in sorted((fields or {}).items())
+                if saved[k] != v]
         if fields is not None and diff:
             raise refuse(f"trained with another config ({'; '.join(diff)})")
         have, want = meta.get("arrays") or [], tree_arrays(like)
