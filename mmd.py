@@ -26,13 +26,16 @@ sg = jax.lax.stop_gradient
 # Optimisers.
 
 
-def mm_optimiser(lr=1e-4, total_steps=200_000, warmup=1000, clip=1.0):
-    """Moment matching, App. B: Adam(b1=0, b2=0.99, eps=1e-12), linear warm-up then linear decay to 0, clip 1."""
+def mm_optimiser(lr=1e-4, total_steps=200_000, warmup=1000, clip=1.0, b1=0.0):
+    """Moment matching, App. B: Adam(b1=0, b2=0.99, eps=1e-12), linear warm-up then linear decay to 0, clip 1.
+
+    `b1 > 0` gives Adam momentum, which averages the gradient's noise over about 1 / (1 - b1) updates.
+    """
     warmup = min(warmup, max(total_steps // 2, 1))
     sched = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))], [warmup]
     )
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=0.0, b2=0.99, eps=1e-12))
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=b1, b2=0.99, eps=1e-12))
 
 
 def teacher_optimiser(lr=1e-3, total_steps=10_000, warmup=200, clip=1.0):

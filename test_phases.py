@@ -204,19 +204,40 @@ def test_mm_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedu
     made = []
     real = train.mmd.mm_optimiser
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(train.mmd, "mm_optimiser", lambda lr, n, warmup: made.append((lr, n, warmup)) or real(lr, n, warmup))
+        mp.setattr(train.mmd, "mm_optimiser",
+                   lambda lr, n, warmup, b1: made.append((lr, n, warmup, b1)) or real(lr, n, warmup, b1=b1))
         state, step, num = train.distil_setup(cfg, "mm_alternating", 2, {}, task, net, net, None, mesh)
     for i in range(2):
         state, metrics = step(state, jr.key(i))
     inner = state.state if isinstance(state, train.Averaged) else state
     assert (_update_count(inner.generator), _update_count(inner.aux)) == (2, 2 * aux_steps)
     assert num == 20 and bool(jnp.isfinite(metrics["aux_loss"])) and bool(jnp.isfinite(metrics["gen_loss"]))
-    own = [] if (aux_steps, aux_lr) == (1, 0.0) else [(aux_lr or cfg.mm_lr, 20 * aux_steps, 2 * aux_steps)]
-    assert made == [(cfg.mm_lr, 20, 2)] + own
+    own = [] if (aux_steps, aux_lr) == (1, 0.0) else [(aux_lr or cfg.mm_lr, 20 * aux_steps, 2 * aux_steps, 0.0)]
+    assert made == [(cfg.mm_lr, 20, 2, 0.0)] + own
     with pytest.raises(ValueError, match=r"mm_aux_lr must be a finite number >= 0 \(0: mm_lr\); got -0.001"):
         dataclasses.replace(TINY, mm_aux_lr=-1e-3)
     with pytest.raises(ValueError, match=r"aux_steps \(auxiliary updates per generator update\) must be an integer >= 1; got 0"):
         train.mmd.MMConfig(aux_steps=0)
+
+
+@pytest.mark.parametrize("b1", [0.0, 0.9])
+def test_mm_optimiser_b1_is_adams_momentum(b1):
+    """`mm_optimiser(b1=...)` (`Config.mm_b1`) is Adam's first-moment decay. With gradients g, then -g: the first
+    update is 0 (warm-up from 0), the second moves every coordinate by lr (1 - b1) / (1 + b1) along sign(g),
+    since Adam's bias-corrected moments are then m = -(1 - b1) / (1 + b1) g and v = g^2. Without momentum (the
+    paper's b1 = 0) that is a full step of lr; with b1 = 0.9 one of 0.053 lr: the noise of successive gradients
+    averages out. Clipping (norm 1) rescales g, which Adam ignores."""
+    lr = 1e-2
+    opt = train.mmd.mm_optimiser(lr, 1000, warmup=1, b1=b1)
+    g = {"w": jnp.array([1.0, -2.0, 0.5])}
+    state = opt.init(g)
+    u1, state = opt.update(g, state, g)
+    u2, state = opt.update(jax.tree.map(jnp.negative, g), state, g)
+    np.testing.assert_allclose(u1["w"], 0.0, atol=1e-12)
+    np.testing.assert_allclose(u2["w"], lr * (1 - b1) / (1 + b1) * jnp.sign(g["w"]), rtol=1e-5)
+    with pytest.raises(ValueError, match=r"mm_b1 \(Adam's beta1\) must be in \[0, 1\); got 1.0"):
+        dataclasses.replace(TINY, mm_b1=1.0)
+    assert train.phase_fields(dataclasses.replace(TINY, mm_b1=b1), "mm_alternating_k2")["mm_b1"] == b1
 
 
 def test_config_step_grid():

@@ -248,10 +248,11 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
         num = c.train_steps(method)
         if method == "mm_alternating":
             mcfg = dataclasses.replace(mcfg, aux_steps=c.mm_aux_steps)
-            opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10))
+            opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10), b1=c.mm_b1)
             if c.mm_aux_steps > 1 or c.mm_aux_lr:  # the auxiliary model's own schedule, over its own number of updates
                 n_aux = num * c.mm_aux_steps
-                opt = (opt, mmd.mm_optimiser(c.mm_aux_lr or c.mm_lr, n_aux, warmup=min(1000, n_aux // 10)))
+                opt = (opt, mmd.mm_optimiser(c.mm_aux_lr or c.mm_lr, n_aux, warmup=min(1000, n_aux // 10),
+                                                b1=c.mm_b1))
             state = mmd.init_alternating(auxiliary_start(cfg, task, net), opt, student=net)
             step = with_labels(lambda st, kk, x, lab: mmd.alternating_step(
                 st, teacher, x, kk, cfg=mcfg, optimiser=opt, schedule=sched, label=lab), task, b, mesh)
@@ -261,7 +262,7 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
                 precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
             teacher, precond = instant_space(cfg, task, teacher, net, precond)
             data_grad = data_moment(cfg, task, teacher, weighting) if c.instant_eq10 and teacher is not None else None
-            opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10))
+            opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10), b1=c.mm_b1)
             state = mmd.init_instant(net, opt, precond)
             step = with_labels(lambda st, kk, x, lab: mmd.instant_step(
                 st, teacher, precond, x[:b], x[b:], kk, cfg=mcfg, optimiser=opt, schedule=sched,
