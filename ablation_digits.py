@@ -7,7 +7,8 @@
 
 METHOD is one of `train.METHODS`, or `teacher` (the teacher's own K-step ancestral sampler: the reference row),
 K its number of steps, `name=value` overrides of `train.IMAGE_PRESETS[PRESET]` (PRESET `default` unless
-`--preset` names another; any Config field; the value is read as the field's type, booleans as 0/1). The teacher
+`--preset` names another; any Config field; the value is read as the field's type, booleans as 0/1, tuples as
+Python literals, e.g. `mm_train_steps_per_k="((1, 1500),)"`). The teacher
 is that preset's digits teacher of `python train.py --data digits --preset PRESET` (seed 0), trained once and
 cached in runs/ablation/digits_s0/ (default) or runs/ablation/digits_PRESET_s0/. SEEDS
 are the student's: seed 0 uses the distillation key of that run's own phase (so `mm_alternating 8 0` and
@@ -27,6 +28,7 @@ large differences; "fd" stays key 0's, the number of train.py's report.
 the other K - J (same grid, same keys, still K network evaluations): which of its steps the student improves.
 """
 
+import ast
 import dataclasses
 import json
 import sys
@@ -52,7 +54,7 @@ def parse(args, preset="default"):
         if not hasattr(base, name) or not val:
             raise SystemExit(f"error: {a!r} is not name=value of a Config field")
         kind = type(getattr(base, name))
-        over[name] = bool(int(val)) if kind is bool else kind(val)
+        over[name] = bool(int(val)) if kind is bool else ast.literal_eval(val) if kind is tuple else kind(val)
     return over
 
 

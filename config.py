@@ -53,6 +53,7 @@ class Config:
     teacher_lr: float = 2e-3
     teacher_ema: float = 0.0  # decay of the teacher's weight average (0: none, the last weights); see TeacherState
     mm_train_steps: int = 3000
+    mm_train_steps_per_k: tuple = ()  # ((k, updates), ...): mm_train_steps for these k (fewer steps want more updates)
     mm_lr: float = 1e-4
     instant_lr: float = 3e-4
     instant_train_steps: int = 0  # Algorithm 3's updates (0: mm_train_steps, the same as Algorithm 2's)
@@ -108,6 +109,13 @@ class Config:
                 raise ValueError(f"{f} must be an integer >= 1; got {v!r}")
         if not 0.0 <= self.mm_aux_lr < float("inf"):
             raise ValueError(f"mm_aux_lr must be a finite number >= 0 (0: mm_lr); got {self.mm_aux_lr!r}")
+        pairs = self.mm_train_steps_per_k
+        if not (isinstance(pairs, tuple) and all(
+                isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
+                                                             for v in p) for p in pairs)):
+            raise ValueError(f"mm_train_steps_per_k must be a tuple of (k, updates) pairs of integers >= 1; got {pairs!r}")
+        if len({k for k, _ in pairs}) < len(pairs):
+            raise ValueError(f"mm_train_steps_per_k names a k twice: {pairs!r}")
         v = self.instant_train_steps
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"instant_train_steps must be an integer >= 0 (0: mm_train_steps); got {v!r}")
@@ -150,11 +158,13 @@ class Config:
         """`MMConfig.grid_shift` of `step_grid`: None (uniform in t) or 0.0 (the unshifted cosine schedule's grid)."""
         return 0.0 if self.step_grid == "cosine" else None
 
-    def train_steps(self, method: str) -> int:
-        """The number of student updates of `method` (instant_train_steps 0: Algorithm 3 takes mm_train_steps)."""
+    def train_steps(self, method: str, k: int) -> int:
+        """The number of updates of `method`'s k-step student: mm_train_steps, or its entry for k in
+        mm_train_steps_per_k; Algorithm 3 takes instant_train_steps where that is not 0."""
         if method == "dmd2":
             return self.dmd2_train_steps
-        return (self.instant_train_steps or self.mm_train_steps) if method == "mm_instant" else self.mm_train_steps
+        mm = dict(self.mm_train_steps_per_k).get(k, self.mm_train_steps)
+        return (self.instant_train_steps or mm) if method == "mm_instant" else mm
 
 
 # Toy data: DMD2 trains 6,000 generator updates without its GAN term and samples the 0.999 weight average (README,
@@ -225,14 +235,23 @@ IMAGE_PRESETS = {
     # 9.64 / 9.87 with the settings above (teacher 256 steps 4.07, its 8 steps on the cosine grid 5.60); 150 updates
     # 4.91 / 4.24, 50 6.48; instant MM on the cosine grid 4.51 (seed 0). Hence step_grid="cosine", weighting="flat"
     # (k <= 2 had flat already) and 300 alternating updates. Not measured on a GPU, nor on another teacher.
+    # Stop 31 (same teacher, 8 keys, alternating seed 2, instant seed 0): fewer steps want more updates. 300 / 1,500
+    # / 3,000 alternating updates give k = 1 29.1 / 17.6 / 18.0, k = 2 15.7 / 10.9 / 10.7, k = 4 5.09 / 4.95,
+    # k = 8 4.07 / 4.63 (seed 3: 4.44 / 4.62); hence mm_train_steps_per_k: 1,500 for k = 1 and 2, 300 for k = 4 and 8.
+    # The teacher's own sampler at k = 1 / 2 / 4 / 8 gives 2385 / 186 / 9.56 / 5.60; instant MM k = 4 5.17.
     "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
-                   mm_train_steps=300, instant_train_steps=3000, step_grid="cosine", weighting="flat", mm_lr=1e-3,
-                   mm_aux_lr=3e-4, mm_ema=0.9995,
+                   mm_train_steps=300, mm_train_steps_per_k=((1, 1500), (2, 1500)), instant_train_steps=3000,
+                   step_grid="cosine", weighting="flat", mm_lr=1e-3, mm_aux_lr=3e-4, mm_ema=0.9995,
                    dmd2_train_steps=1000,
                    teacher_ks=(1, 2, 4, 8, 16, 32, 64, 128, 256), n_samples=898, chunk=1000, mm_steps=(1, 2, 4, 8),
                    dmd2_steps=(1, 2, 4, 8), ablations=True, instant_weighting="flat", data_grad_batches=100,
                    nu_batch_mult=1),
 }
+
+
+def as_tuples(v):
+    """A JSON value with its lists (nested too: dmd2_times, mm_train_steps_per_k) back as the Config's tuples."""
+    return tuple(as_tuples(x) for x in v) if isinstance(v, list) else v
 
 
 def parse(argv=None):
@@ -273,7 +292,7 @@ def parse(argv=None):
             p.error(f"--resume {out}: no config.json there, so no run to resume")
         try:
             fields = json.loads((out / "config.json").read_text())
-            cfg = Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+            cfg = Config(**{k: as_tuples(v) for k, v in fields.items()})
         except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
             p.error(f"--resume {out}: bad config.json: {e}")
         return cfg, out, a.max_chunks

@@ -183,6 +183,39 @@ def test_instant_train_steps_sets_algorithm_3s_updates_only(instant_steps, want)
         dataclasses.replace(TINY, instant_train_steps=-1)
 
 
+@pytest.mark.parametrize("instant_steps", [0, 7])
+def test_mm_train_steps_per_k_sets_the_updates_of_the_named_k(instant_steps):
+    """`Config.mm_train_steps_per_k` replaces mm_train_steps for the k it names (both MM algorithms; Algorithm 3
+    only while instant_train_steps is 0), every other k keeps mm_train_steps; bad pairs are rejected by value."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, mm_train_steps=30, mm_train_steps_per_k=((1, 11),), instant_train_steps=instant_steps,
+                              data_grad_batches=2)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    steps = {(m, k): train.distil_setup(cfg, m, k, {}, task, net, net, precond, mesh)[2]
+             for m in ("mm_instant", "mm_alternating") for k in (1, 2)}
+    instant = instant_steps or None
+    assert steps == {("mm_instant", 1): instant or 11, ("mm_instant", 2): instant or 30,
+                     ("mm_alternating", 1): 11, ("mm_alternating", 2): 30}
+    for bad in (((1, 0),), ((0, 5),), ((1,),), ((1, 5.0),), ([1, 5],), 5):
+        with pytest.raises(ValueError, match=re.escape(f"(k, updates) pairs of integers >= 1; got {bad!r}")):
+            dataclasses.replace(TINY, mm_train_steps_per_k=bad)
+    with pytest.raises(ValueError, match=r"names a k twice: \(\(1, 5\), \(1, 6\)\)"):
+        dataclasses.replace(TINY, mm_train_steps_per_k=((1, 5), (1, 6)))
+
+
+def test_resume_reads_nested_tuples_back(tmp_path):
+    """config.json stores tuples of tuples (mm_train_steps_per_k, dmd2_times) as lists of lists; `--resume` gives
+    them back as the tuples they were, so the resumed Config equals the saved one."""
+    import json  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, mm_train_steps_per_k=((1, 11), (2, 5)), dmd2_times=((0.9, 0.4),))
+    (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
+    assert train.parse(["--resume", str(tmp_path)])[0] == cfg
+
+
 def _update_count(player):
     """How many updates a player's optimiser (`mmd.mm_optimiser`'s chain) has applied: Adam's step count."""
     counts = [int(v) for p, v in jax.tree_util.tree_flatten_with_path(player.opt_state)[0] if "count" in jax.tree_util.keystr(p)]

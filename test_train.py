@@ -68,8 +68,8 @@ def cache_env(compile_cache):
 def phase_steps(cfg):
     """{phase name: number of training steps}."""
     out = {"teacher": cfg.teacher_steps}
-    for name, method, _, _ in train.phases(cfg):
-        out[name] = cfg.train_steps(method)
+    for name, method, k, _ in train.phases(cfg):
+        out[name] = cfg.train_steps(method, k)
     return out
 
 

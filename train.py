@@ -240,12 +240,12 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
         step = with_labels(lambda st, kk, x, lab: dmd2.dmd2_step(
             st, teacher, x.reshape(dcfg.ttur, b, *x.shape[1:]), kk, cfg=dcfg, optimiser=opt, schedule=sched,
             label=None if lab is None else lab.reshape(dcfg.ttur, b)), task, dcfg.ttur * b, mesh)
-        num, decay = c.train_steps(method), c.dmd2_ema
+        num, decay = c.train_steps(method, k), c.dmd2_ema
     else:
         weighting = c.instant_weighting if method == "mm_instant" and c.instant_weighting != "same" else c.weighting
         weighting = weighting if weighting != "auto" else ("flat" if k <= 2 else "edm")
         mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift)
-        num = c.train_steps(method)
+        num = c.train_steps(method, k)
         if method == "mm_alternating":
             mcfg = dataclasses.replace(mcfg, aux_steps=c.mm_aux_steps)
             opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10), b1=c.mm_b1)
