@@ -238,7 +238,7 @@ IMAGE_PRESETS = {
     # Stop 31 (same teacher, 8 keys, alternating seed 2, instant seed 0): fewer steps want more updates. 300 / 1,500
     # / 3,000 alternating updates give k = 1 29.1 / 17.6 / 18.0, k = 2 15.7 / 10.9 / 10.7, k = 4 5.09 / 4.95,
     # k = 8 4.07 / 4.63 (seed 3: 4.44 / 4.62); hence mm_train_steps_per_k: 1,500 for k = 1 and 2, 300 for k = 4 and 8.
-    # The teacher's own sampler at k = 1 / 2 / 4 / 8 gives 2385 / 186 / 9.56 / 5.60; instant MM k = 4 5.17.
+    # The teacher's own sampler at k = 1 / 2 / 4 / 8 gives 2385 / 186 / 9.56 / 5.60; instant MM k = 4 / 2 5.17 / 6.61.
     "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
                    mm_train_steps=300, mm_train_steps_per_k=((1, 1500), (2, 1500)), instant_train_steps=3000,
                    step_grid="cosine", weighting="flat", mm_lr=1e-3, mm_aux_lr=3e-4, mm_ema=0.9995,
