@@ -113,7 +113,8 @@ class Config:
         if not (isinstance(pairs, tuple) and all(
                 isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
                                                              for v in p) for p in pairs)):
-            raise ValueError(f"mm_train_steps_per_k must be a tuple of (k, updates) pairs of integers >= 1; got {pairs!r}")
+            raise ValueError(f"mm_train_steps_per_k must be a tuple of (k, updates) pairs of integers >= 1; "
+                             f"got {pairs!r}")
         if len({k for k, _ in pairs}) < len(pairs):
             raise ValueError(f"mm_train_steps_per_k names a k twice: {pairs!r}")
         v = self.instant_train_steps

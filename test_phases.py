@@ -189,8 +189,8 @@ def test_mm_train_steps_per_k_sets_the_updates_of_the_named_k(instant_steps):
     only while instant_train_steps is 0), every other k keeps mm_train_steps; bad pairs are rejected by value."""
     import tasks  # noqa: PLC0415
 
-    cfg = dataclasses.replace(TINY, mm_train_steps=30, mm_train_steps_per_k=((1, 11),), instant_train_steps=instant_steps,
-                              data_grad_batches=2)
+    cfg = dataclasses.replace(TINY, mm_train_steps=30, mm_train_steps_per_k=((1, 11),),
+                              instant_train_steps=instant_steps, data_grad_batches=2)
     task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
     net = train.teacher_setup(cfg, task, mesh)[0].model
     precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
