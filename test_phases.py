@@ -196,8 +196,7 @@ def test_mm_train_steps_per_k_sets_the_updates_of_the_named_k(instant_steps):
     precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
     steps = {(m, k): train.distil_setup(cfg, m, k, {}, task, net, net, precond, mesh)[2]
              for m in ("mm_instant", "mm_alternating") for k in (1, 2)}
-    instant = instant_steps or None
-    assert steps == {("mm_instant", 1): instant or 11, ("mm_instant", 2): instant or 30,
+    assert steps == {("mm_instant", 1): instant_steps or 11, ("mm_instant", 2): instant_steps or 30,
                      ("mm_alternating", 1): 11, ("mm_alternating", 2): 30}
     for bad in (((1, 0),), ((0, 5),), ((1,),), ((1, 5.0),), ([1, 5],), 5):
         with pytest.raises(ValueError, match=re.escape(f"(k, updates) pairs of integers >= 1; got {bad!r}")):
