@@ -11,9 +11,11 @@ K its number of steps, `name=value` overrides of `train.IMAGE_PRESETS[PRESET]` (
 Python literals, e.g. `mm_train_steps_per_k="((1, 1500),)"`). The teacher
 is that preset's digits teacher of `python train.py --data digits --preset PRESET` (seed 0), trained once and
 cached in runs/ablation/digits_s0/ (default) or runs/ablation/digits_PRESET_s0/. SEEDS
-are the student's: seed 0 uses the distillation key of that run's own phase (so `mm_alternating 8 0` and
-`mm_instant 8 0` reproduce `report.md` of `python train.py --data digits`), seed s > 0 folds s into it; the
-teacher, Eq. 10's data term and the evaluation key stay those of seed 0. The student is trained exactly as
+are the student's: seed 0 uses `fold_in(distillation key, METHODS.index(METHOD))`, which is the key of that
+run's own phase where the run has one k per method (the default preset: `mm_alternating 8 0` and `mm_instant 8 0`
+reproduce `report.md` of `python train.py --data digits`; `full` numbers its phases over k too, so its seed 0 is
+one more student seed, not its run's), seed s > 0 folds s into it; the teacher, Eq. 10's data term and the
+evaluation key stay those of seed 0. The student is trained exactly as
 train.py trains it (`train.distil`, checkpointed, so a repeated line is read back) and sampled as train.py
 samples it; each seed prints one JSON line: FD in the digits classifier's features and class accuracy of 898
 class-conditional samples (`task.evaluate`, the numbers of train.py's report), and the training seconds.
