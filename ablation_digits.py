@@ -1,6 +1,7 @@
 """The digits ablation of the README: one change at a time to one student of the CPU digits teacher, several seeds.
 
     python ablation_digits.py [--preset full] [--keys N] [--student-steps J] METHOD K SEEDS [name=value ...]
+    python ablation_digits.py --run DIR [--keys N] [PHASE,...]
     e.g.  python ablation_digits.py mm_instant 8 0,1,2 instant_weighting=edm
           python ablation_digits.py dmd2 4 0,1 dmd2_train_steps=1000 dmd2_ema=0.99
           python ablation_digits.py --preset full --keys 8 mm_instant 8 0
@@ -26,6 +27,11 @@ changes) and adds their per-key FD, mean and standard error of the mean. With 89
 1.3-3 over eight keys for a k = 8 student (1.1 for the teacher's 256-step sampler), so a single key ranks only
 large differences; "fd" stays key 0's, the number of train.py's report.
 
+`--run DIR` scores the students of a finished `python train.py` run in DIR instead (every phase, or the PHASEs
+named, e.g. `dmd2_k1,dmd2_k4`), read from its checkpoints without training or writing anything (a phase not
+finished is refused), over `--keys N` keys as above: key 0 gives its report.md figures, the other keys say how far
+one key can be trusted.
+
 `--student-steps J` (0 < J < K, a diagnostic) samples with the student for its first J steps and the teacher for
 the other K - J (same grid, same keys, still K network evaluations): which of its steps the student improves.
 """
@@ -41,6 +47,8 @@ import jax.numpy as jnp
 import jax.random as jr
 import numpy as np
 
+import checkpoints
+import config
 import mmd
 import parallel
 import tasks
@@ -102,25 +110,76 @@ def main(method, k, seeds, over, preset="default", keys=1, student_steps=0):
         step = "marginal" if method == "dmd2" else "ancestral"
         if student_steps:  # switch between the input times of step J - 1 (the student's last) and step J
             model = Handover(model, teacher, 0.5 * (grid[student_steps - 1] + grid[student_steps]))
-        res = []
-        for e in range(keys):  # key 0 is train.py's evaluation key
-            key_e = key_eval if e == 0 else jr.fold_in(key_eval, e)
-            x, label, _ = train.draw_samples(model, task, jr.split(key_e, 3)[0], c.n_samples, k, step, times)
-            res.append(task.evaluate(x, label, jr.split(key_e, 3)[1]))
-        out = {"fd": res[0]["fd"], "acc": res[0].get("acc"), "secs": round(secs)}
-        if keys > 1:
-            fds = np.array([r["fd"] for r in res])
-            out |= {"fd_keys": [round(float(v), 2) for v in fds], "fd_mean": round(float(fds.mean()), 3),
-                    "fd_sem": round(float(fds.std(ddof=1) / np.sqrt(keys)), 3)}
-            if res[0].get("acc") is not None:
-                out["acc_mean"] = round(float(np.mean([r["acc"] for r in res])), 4)
+        out = score(model, task, c.n_samples, k, step, times, key_eval, keys)
+        out = {"fd": out.pop("fd"), "acc": out.pop("acc"), "secs": round(secs)} | out
         print(tag + (f" student_steps={student_steps}" if student_steps else ""), seed, json.dumps(out), flush=True)
 
 
+def score(model, task, n, k, step, times, key_eval, keys):
+    """FD and class accuracy of `n` samples of `model` (k steps of `step` on `times`) with evaluation key 0 (train.py's
+    `key_eval`: the numbers of its report), and with `keys > 1` their per-key FD, mean and standard error over keys
+    0..keys-1."""
+    res = []
+    for e in range(keys):  # key 0 is train.py's evaluation key
+        key_e = key_eval if e == 0 else jr.fold_in(key_eval, e)
+        x, label, _ = train.draw_samples(model, task, jr.split(key_e, 3)[0], n, k, step, times)
+        res.append(task.evaluate(x, label, jr.split(key_e, 3)[1]))
+    out = {"fd": res[0]["fd"], "acc": res[0].get("acc")}
+    if keys > 1:
+        fds = np.array([r["fd"] for r in res])
+        out |= {"fd_keys": [round(float(v), 2) for v in fds], "fd_mean": round(float(fds.mean()), 3),
+                "fd_sem": round(float(fds.std(ddof=1) / np.sqrt(keys)), 3)}
+        if res[0].get("acc") is not None:
+            out["acc_mean"] = round(float(np.mean([r["acc"] for r in res])), 4)
+    return out
+
+
+def score_run(out, keys=1, only=None):
+    """Score the students of a finished `train.py` run in `out` (its config.json and checkpoints; nothing is trained
+    or written) as `main` scores one: a JSON line per phase (`only`: those named), key 0 the run's report.md figure."""
+    if not (Path(out) / "config.json").is_file():
+        raise SystemExit(f"error: --run {out}: no config.json there, so no train.py run to score")
+    cfg = config.parse(["--resume", str(out)])[0]
+    names = [p[0] for p in train.phases(cfg)]
+    if only and set(only) - set(names):
+        raise SystemExit(f"error: {out} has no phase {sorted(set(only) - set(names))}; its phases are {names}")
+    task, mesh = tasks.make_task(cfg), parallel.data_mesh()
+    if task.primary != "fd":
+        raise SystemExit(f"error: {out} is a {cfg.data} run; --run scores image runs (FD), see its report.md")
+    run = train.Run(Path(out))
+    run.stop_reason = f"{out} has an unfinished phase; finish it with `python train.py --resume {out}` first"
+    key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
+    try:  # read back, as every phase below (as train.main reads them)
+        state = train.train_teacher(run, cfg, task, mesh, key_teacher)[0]
+    except (checkpoints.Stop, checkpoints.CheckpointError) as e:
+        raise SystemExit(f"error: the teacher: {e}") from None
+    net = state.model if cfg.teacher == "trained" else task.exact
+    precond = None
+    if "mm_instant" in cfg.methods:
+        precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps)
+    teacher, precond = train.guided(cfg, net, precond)
+    for i, (name, method, k, over) in enumerate(train.phases(cfg)):
+        if only and name not in only:
+            continue
+        try:
+            model, _, secs = train.distil(run, cfg, name, method, k, over, task, teacher, state.model, precond, mesh,
+                                          jr.fold_in(key_distil, i))
+        except (checkpoints.Stop, checkpoints.CheckpointError) as e:
+            raise SystemExit(f"error: phase {name}: {e}") from None
+        times = train.step_times(dataclasses.replace(cfg, **over), method, k, task)
+        step = "marginal" if method == "dmd2" else "ancestral"
+        res = score(model, task, cfg.n_samples, k, step, times, key_eval, keys)
+        print(name, json.dumps({"fd": res.pop("fd"), "acc": res.pop("acc"), "secs": round(secs)} | res), flush=True)
+
+
 if __name__ == "__main__":
-    argv, flags = sys.argv[1:], {"--preset": "default", "--keys": "1", "--student-steps": "0"}
+    argv, flags = sys.argv[1:], {"--preset": "default", "--keys": "1", "--student-steps": "0", "--run": ""}
     while argv[:1] and argv[0] in flags and len(argv) > 1:
         flags[argv[0]], argv = argv[1], argv[2:]
+    if flags["--run"]:
+        if len(argv) > 1 or not flags["--keys"].isdigit() or int(flags["--keys"]) < 1:
+            raise SystemExit(__doc__.split("\n\n")[1])
+        raise SystemExit(score_run(flags["--run"], int(flags["--keys"]), argv[0].split(",") if argv else None))
     if len(argv) < 3 or not flags["--keys"].isdigit() or not flags["--student-steps"].isdigit():
         raise SystemExit(__doc__.split("\n\n")[1])
     main(argv[0], int(argv[1]), [int(s) for s in argv[2].split(",")], parse(argv[3:], flags["--preset"]),

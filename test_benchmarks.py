@@ -1,10 +1,16 @@
 """Smoke test of `benchmarks.py` at toy size: the tables build and hold what they should; the ablation drivers'
 pieces."""
 
+import dataclasses
+import json
+
 import equinox as eqx
 import jax.numpy as jnp
+import pytest
 
+import ablation_digits
 import benchmarks
+import train
 from ablation_digits import Handover
 
 
@@ -36,3 +42,27 @@ def test_handover_is_the_student_above_its_time_and_the_teacher_below():
     z = jnp.zeros(3)
     got = [float(m(z, jnp.float32(1.0 - i / 8))[0]) for i in range(8)]
     assert got == [1.0, 1.0, 1.0] + [-1.0] * 5
+
+
+@pytest.mark.slow  # about 55 s on a 2-core CPU, most of it compiling
+def test_score_run_gives_the_report_and_trains_nothing(tmp_path, capsys):
+    """ablation_digits --run: a run with an unfinished phase is refused and left as it was; once finished, key 0
+    reproduces report.json's figures; a phase the run lacks is refused by name."""
+    cfg = dataclasses.replace(train.IMAGE_PRESETS["smoke"], methods=("mm_alternating",), teacher_steps=20,
+                              mm_train_steps=20, teacher_ks=(1,), n_samples=100, chunk=10)
+    with pytest.raises(train.Stop):  # the teacher's two chunks and the student's first of two, then stop
+        train.main(cfg, train.Run(tmp_path, max_chunks=3))
+    before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
+    with pytest.raises(SystemExit, match="phase mm_alternating_k2: .*unfinished phase"):
+        ablation_digits.score_run(tmp_path)
+    assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
+
+    train.main(cfg, train.Run(tmp_path))  # resumed to the end
+    capsys.readouterr()
+    ablation_digits.score_run(tmp_path, keys=2)
+    name, line = capsys.readouterr().out.strip().splitlines()[-1].split(" ", 1)
+    got, want = json.loads(line), json.loads((tmp_path / "report.json").read_text())["samplers"][name]
+    assert name == "mm_alternating_k2" and (got["fd"], got["acc"]) == (want["fd"], want["acc"])
+    assert len(got["fd_keys"]) == 2 and got["fd_keys"][1] != round(got["fd"], 2)  # key 1 draws other samples
+    with pytest.raises(SystemExit, match="no phase.*dmd2_k1"):
+        ablation_digits.score_run(tmp_path, only=["dmd2_k1"])
