@@ -110,21 +110,20 @@ def main(method, k, seeds, over, preset="default", keys=1, student_steps=0):
         step = "marginal" if method == "dmd2" else "ancestral"
         if student_steps:  # switch between the input times of step J - 1 (the student's last) and step J
             model = Handover(model, teacher, 0.5 * (grid[student_steps - 1] + grid[student_steps]))
-        out = score(model, task, c.n_samples, k, step, times, key_eval, keys)
-        out = {"fd": out.pop("fd"), "acc": out.pop("acc"), "secs": round(secs)} | out
+        out = score(model, task, c.n_samples, k, step, times, key_eval, keys, secs)
         print(tag + (f" student_steps={student_steps}" if student_steps else ""), seed, json.dumps(out), flush=True)
 
 
-def score(model, task, n, k, step, times, key_eval, keys):
+def score(model, task, n, k, step, times, key_eval, keys, secs):
     """FD and class accuracy of `n` samples of `model` (k steps of `step` on `times`) with evaluation key 0 (train.py's
-    `key_eval`: the numbers of its report), and with `keys > 1` their per-key FD, mean and standard error over keys
-    0..keys-1."""
+    `key_eval`: the numbers of its report), its training `secs`, and with `keys > 1` the per-key FD, mean and
+    standard error over keys 0..keys-1."""
     res = []
     for e in range(keys):  # key 0 is train.py's evaluation key
         key_e = key_eval if e == 0 else jr.fold_in(key_eval, e)
         x, label, _ = train.draw_samples(model, task, jr.split(key_e, 3)[0], n, k, step, times)
         res.append(task.evaluate(x, label, jr.split(key_e, 3)[1]))
-    out = {"fd": res[0]["fd"], "acc": res[0].get("acc")}
+    out = {"fd": res[0]["fd"], "acc": res[0].get("acc"), "secs": round(secs)}
     if keys > 1:
         fds = np.array([r["fd"] for r in res])
         out |= {"fd_keys": [round(float(v), 2) for v in fds], "fd_mean": round(float(fds.mean()), 3),
@@ -149,28 +148,18 @@ def score_run(out, keys=1, only=None):
     run = train.Run(Path(out))
     run.stop_reason = f"{out} has an unfinished phase; finish it with `python train.py --resume {out}` first"
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
-    try:  # read back, as every phase below (as train.main reads them)
-        state = train.train_teacher(run, cfg, task, mesh, key_teacher)[0]
-    except (checkpoints.Stop, checkpoints.CheckpointError) as e:
-        raise SystemExit(f"error: the teacher: {e}") from None
-    net = state.model if cfg.teacher == "trained" else task.exact
-    precond = None
-    if "mm_instant" in cfg.methods:
-        precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps)
-    teacher, precond = train.guided(cfg, net, precond)
-    for i, (name, method, k, over) in enumerate(train.phases(cfg)):
-        if only and name not in only:
-            continue
-        try:
-            model, _, secs = train.distil(run, cfg, name, method, k, over, task, teacher, state.model, precond, mesh,
+    try:  # every phase is read back as train.main reads it; the stop reason refuses one not finished
+        teacher, net, precond = train.frozen_teacher(cfg, task, train.train_teacher(run, cfg, task, mesh, key_teacher)[0])
+        for i, (name, method, k, over) in enumerate(train.phases(cfg)):
+            if only and name not in only:
+                continue
+            model, _, secs = train.distil(run, cfg, name, method, k, over, task, teacher, net, precond, mesh,
                                           jr.fold_in(key_distil, i))
-        except (checkpoints.Stop, checkpoints.CheckpointError) as e:
-            raise SystemExit(f"error: phase {name}: {e}") from None
-        times = train.step_times(dataclasses.replace(cfg, **over), method, k, task)
-        step = "marginal" if method == "dmd2" else "ancestral"
-        res = score(model, task, cfg.n_samples, k, step, times, key_eval, keys)
-        print(name, json.dumps({"fd": res.pop("fd"), "acc": res.pop("acc"), "secs": round(secs)} | res), flush=True)
-
+            times = train.step_times(dataclasses.replace(cfg, **over), method, k, task)
+            step = "marginal" if method == "dmd2" else "ancestral"
+            print(name, json.dumps(score(model, task, cfg.n_samples, k, step, times, key_eval, keys, secs)), flush=True)
+    except (checkpoints.Stop, checkpoints.CheckpointError) as e:
+        raise SystemExit(f"error: {e}") from None
 
 if __name__ == "__main__":
     argv, flags = sys.argv[1:], {"--preset": "default", "--keys": "1", "--student-steps": "0", "--run": ""}

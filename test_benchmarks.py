@@ -53,7 +53,7 @@ def test_score_run_gives_the_report_and_trains_nothing(tmp_path, capsys):
     with pytest.raises(train.Stop):  # the teacher's two chunks and the student's first of two, then stop
         train.main(cfg, train.Run(tmp_path, max_chunks=3))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit, match="phase mm_alternating_k2: .*unfinished phase"):
+    with pytest.raises(SystemExit, match="unfinished phase"):
         ablation_digits.score_run(tmp_path)
     assert {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()} == before
 

@@ -200,6 +200,18 @@ def teacher_setup(cfg: Config, task: tasks.Task, mesh):
     return parallel.replicate(state, mesh), step
 
 
+def frozen_teacher(cfg: Config, task: tasks.Task, state: TeacherState):
+    """What the distillation phases read from the trained teacher: `(teacher, net, precond)`, the model the losses
+    call (the closed form for `--teacher exact`; guided at `cfg.guidance`), the network the students start from (the
+    weight average when teacher_ema > 0), and Algorithm 3's preconditioner (None without mm_instant)."""
+    net = state.model
+    precond = None
+    if "mm_instant" in cfg.methods:  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the network
+        precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps)
+    teacher, precond = guided(cfg, net if cfg.teacher == "trained" else task.exact, precond)
+    return teacher, net, precond
+
+
 def train_teacher(run, cfg: Config, task: tasks.Task, mesh, key):
     state, step = teacher_setup(cfg, task, mesh)
     return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk, phase_fields(cfg, "teacher"))
@@ -355,11 +367,7 @@ def main(cfg: Config, run: Run):
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
 
     teacher_state, history, seconds = train_teacher(run, cfg, task, mesh, key_teacher)
-    net = teacher_state.model  # the weight average (teacher_ema > 0): the teacher and the students' start
-    precond = None
-    if "mm_instant" in cfg.methods:  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the network
-        precond = mmd.preconditioner_from_adam(teacher_state.player.opt_state, eps=cfg.precond_eps)
-    teacher, precond = guided(cfg, net if cfg.teacher == "trained" else task.exact, precond)
+    teacher, net, precond = frozen_teacher(cfg, task, teacher_state)
     phase_log = {"teacher": {"seconds": seconds, "final": {k: float(v[-1]) for k, v in history.items()}}}
     histories = {"teacher": history}
 
