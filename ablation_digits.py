@@ -1,4 +1,4 @@
-"""The digits ablation of the README: one change at a time to one student of the CPU digits teacher, several seeds.
+"""The digits ablations of EXPERIMENTS.md: one change at a time to one student of the CPU digits teacher, several seeds.
 
     python ablation_digits.py [--preset full] [--keys N] [--student-steps J] METHOD K SEEDS [name=value ...]
     python ablation_digits.py --run DIR [--keys N] [PHASE,...]

@@ -1,9 +1,9 @@
-"""The DMD2 ablation of the README: k steps, backward simulation, GAN, TTUR, a critic per step; ring8, seeds.
+"""The DMD2 ablation of EXPERIMENTS.md: k steps, backward simulation, GAN, TTUR, a critic per step; ring8, seeds.
 
     python ablation_dmd2.py VARIANT SEEDS      e.g.  python ablation_dmd2.py k=4_per_step_critic=0_grid=0 0,1,2
 
 VARIANT is `_`-separated `name=value` overrides of `train.PRESETS["default"]` (6,000 updates, no GAN, weight
-average 0.999: `k=4` is train.py's DMD2 k = 4; the README's rows spell out every setting they changed): `k`, `per_step_critic`, `backward_sim`,
+average 0.999: `k=4` is train.py's DMD2 k = 4; EXPERIMENTS.md's rows spell out every setting they changed): `k`, `per_step_critic`, `backward_sim`,
 `gan`, `dmd2_lr_decay` (0/1), `ttur`, `dmd2_train_steps` (integers), `dmd2_lr`, `gan_gen_weight` (floats),
 `times` (the generator's step times, `times=1:0.89:0.74:0.49`), `grid=0` (uniform) / `grid=1` (official). Each seed uses the cached default ring8
 teacher of `ablation_instant.py` (`python train.py --seed S`), trains DMD2 exactly as train.py does

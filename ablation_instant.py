@@ -1,4 +1,4 @@
-"""The instant-MM ablation of the README: one change at a time to Algorithm 3 on ring8, several seeds.
+"""The instant-MM ablation of EXPERIMENTS.md: one change at a time to Algorithm 3 on ring8, several seeds.
 
     python ablation_instant.py VARIANT SEEDS      e.g.  python ablation_instant.py eq10=1_decay=0.99 0,1,2
 
@@ -54,7 +54,7 @@ def evaluate(model, task, key_eval, k, n=10_000, step="ancestral", times=None):
     return {"mmd2": r["mmd2"], "mode_tv": r["mode_tv"], "prec": r["mode_precision"]}
 
 
-def data_grad_of(task, teacher, key, nb=200, b=256, weighting="edm"):  # nb=200 is what the README's table used
+def data_grad_of(task, teacher, key, nb=200, b=256, weighting="edm"):  # nb=200 is what EXPERIMENTS.md's table used
     xs = jnp.stack([task.draw(jr.fold_in(key, i), b)[0] for i in range(nb)])
     return eqx.filter_jit(mmd.data_moment)(teacher, task.schedule, xs, jr.fold_in(key, 10**6), weighting=weighting)
 
@@ -64,7 +64,7 @@ def run_instant(cfg, task, teacher, precond, key, *, steps=None, lr=None, data_g
     """Algorithm 3 with an (optional) bias-corrected EMA of nu, written out step by step.
 
     The same maths as `mmd.instant_step` with `MMConfig.nu_decay` (which uses `optax.ema`); kept as written
-    because its batch keys and operation order are the ones the README's table was measured with.
+    because its batch keys and operation order are the ones EXPERIMENTS.md's table was measured with.
     """
     steps, lr, b = steps or cfg.train_steps("mm_instant", k), lr or cfg.instant_lr, cfg.batch
     opt = mmd.mm_optimiser(lr, steps, warmup=min(1000, steps // 10))

@@ -168,7 +168,7 @@ class Config:
         return (self.instant_train_steps or mm) if method == "mm_instant" else mm
 
 
-# Toy data: DMD2 trains 6,000 generator updates without its GAN term and samples the 0.999 weight average (README,
+# Toy data: DMD2 trains 6,000 generator updates without its GAN term and samples the 0.999 weight average (EXPERIMENTS.md,
 # DMD2 table, three seeds on ring8, MMD^2 x 1e-3 at k = 1 / 4: 1,000 updates, average 0.99: 2.81 / 3.36; 3,000: 1.60 /
 # 1.58; 6,000 with 0.999: 1.17 / 1.29, and the one-step generator's off-mode mass fell from 3.6-5.0% to 2.6-2.8%;
 # without the GAN it was better on every seed at 1,000 updates, level at 3,000, and 2.6x cheaper). The image presets
@@ -184,25 +184,25 @@ PRESETS = {
 # default: a CPU run. lr 3e-3 instead of 1e-3 took a 2,000-step teacher's FD from 50 to 31, a weight average only
 # lagged behind it (EMA 0.99 no better, 0.999 worse), and 8,000 steps take its class accuracy from 0.42 to 0.87. On the
 # schedule's uniform grid (the default before stop 30) with 600 MM updates, mm_lr 1e-3 gave alternating k = 8 FD
-# 9.5 against 26.6 / 22.7 / 11.2 at 1e-4 / 3e-4 / 2e-3 (README).
+# 9.5 against 26.6 / 22.7 / 11.2 at 1e-4 / 3e-4 / 2e-3 (EXPERIMENTS.md).
 # mm_ema 0.99 (a weight average of the MM students): alternating k = 8 FD 10.5 / 10.5 / 10.8 against 11.2 / 11.3 / 11.3
-# without, student seeds 0 / 1 / 2; 1,200 updates gave 12.8 / 11.6 / 11.2, mm_lr 2e-3 13.1 / 14.0 / 13.4 (README).
+# without, student seeds 0 / 1 / 2; 1,200 updates gave 12.8 / 11.6 / 11.2, mm_lr 2e-3 13.1 / 14.0 / 13.4 (EXPERIMENTS.md).
 IMAGE_PRESETS = {
     "default": Config(data="digits", batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=50, mm_lr=1e-3,
                       instant_train_steps=600, step_grid="cosine", weighting="flat",
                       dmd2_train_steps=150, dmd2_ema=0.0, gan=False, ttur=2, dmd2_steps=(1,),
                       teacher_ks=(1, 2, 4, 8, 64, 256), teacher_samplers=("ancestral",), n_samples=898,
                       chunk=100, data_grad_batches=100, nu_batch_mult=1, instant_weighting="flat", mm_ema=0.99),
-    # Stop 30 (README, "The step grid of the CPU default"; FD mean of 4 evaluation keys, student seeds 0 / 1 / 2):
+    # Stop 30 (EXPERIMENTS.md, "The step grid of the CPU default"; FD mean of 4 evaluation keys, student seeds 0 / 1 / 2):
     # on the cosine grid (step_grid="cosine") the teacher's own 8-step sampler gives 7.66 against 121 on the
     # schedule's uniform grid; instant MM (600 updates) 5.03 on seed 0 against 7.27 there; alternating MM with EDM
     # weighting leaves that good start and blows up (FD 81 after 50 updates at mm_lr 1e-3, 142 after 100 at 1e-4),
     # with flat weighting it does not: 50 / 150 / 300 / 600 updates give 6.86 / 7.15 / 7.64 / ~8 (mean of seeds),
     # class accuracy 0.85 / 0.81 / 0.79 / 0.78, so it trains 50 (the uniform grid's 600 gave 11.75-12.56).
-    # dmd2_ema 0: too few updates for a 0.99 average (not measured on digits). Instant MM on digits (README,
+    # dmd2_ema 0: too few updates for a 0.99 average (not measured on digits). Instant MM on digits (EXPERIMENTS.md,
     # one run each, FD): flat weighting 5.14 against EDM's 38.0 (alternating MM: EDM 9.51, flat 11.9); 1,000
     # data-term batches 39.8 and B' = 2B 37.2 against 38.0 with 100 and B' = B (both with EDM weighting).
-    # DMD2 k = 1 at this budget (README, "Fitting the CPU default into 20 minutes"; FD mean of 4 evaluation keys,
+    # DMD2 k = 1 at this budget (EXPERIMENTS.md, "Fitting the CPU default into 20 minutes"; FD mean of 4 evaluation keys,
     # student seeds 0 / 1 / 2): 150 updates, no GAN, 2 critic updates each: 53.2 / 51.8 / 42.9 in 66-93 s, against
     # 175 (seed 0) in 121 s with the GAN, 5 critic updates and 100 updates (the former default). The teacher's DDIM
     # sampler is not scored here (ancestral is better at every k >= 8 on digits: 256 steps 8.14 against 5.29) to
@@ -214,7 +214,7 @@ IMAGE_PRESETS = {
     # default's MM student settings (mm_lr 1e-3, from the CPU tables above; the paper's 1e-4 gave alternating k = 8
     # FD 5.3-6.2 against the teacher's 4.7-5.0 on an H100) but (until stop 30, on the uniform grid) 1,500 updates
     # and a longer student average, the ablations, and the teacher's samplers at more step counts for
-    # metric_vs_nfe.png. Measured on a CPU (README, "Accelerator preset", alternating k = 8 FD, student seeds 0 / 1;
+    # metric_vs_nfe.png. Measured on a CPU (EXPERIMENTS.md, "Accelerator preset", alternating k = 8 FD, student seeds 0 / 1;
     # teacher 256 steps 4.34): 3,000 updates with a 0.99 / 0.999 / 0.9995 average 7.24 / 6.66, 5.35 / 5.63, 5.05 /
     # 5.34; with 0.9995 and 1,500 updates (until stop 30) 4.66 / 4.60, class accuracy 0.915 / 0.922 (teacher
     # 0.927); seed 0 with one change each: 750 / 1,000 / 2,000 updates 6.63 / 5.39 / 5.42, average 0.9998 4.88,
@@ -224,14 +224,14 @@ IMAGE_PRESETS = {
     # All of these use one evaluation key, which flatters the students. Over eight (`ablation_digits.py --keys 8`)
     # alternating k = 8 at 1,500 updates is 6.25 +- 0.30 against the teacher's 3.88 +- 0.16 (1.6x); 1,000-2,000
     # updates, average 0.9998, batch 256 and t on the sampling grid are alike (6.2-7.0), the un-averaged student,
-    # the other learning rates and flat weighting are worse (README, "The evaluation key decides"). What moved it: a
+    # the other learning rates and flat weighting are worse (EXPERIMENTS.md, "The evaluation key decides"). What moved it: a
     # slower auxiliary model (Algorithm 2's g_phi), mm_aux_lr 3e-4 against the generator's 1e-3. Eight-key FD of
     # student seeds 2 / 3 / 4: 5.24 / 5.35 / 5.61 against 6.25 / 6.14 / 6.55 with one rate (teacher 3.88); seed 2
-    # with aux lr 1e-4 5.51, 3e-3 7.26, two auxiliary updates per generator update 8.19 (README, "Algorithm 2's
+    # with aux lr 1e-4 5.51, 3e-3 7.26, two auxiliary updates per generator update 8.19 (EXPERIMENTS.md, "Algorithm 2's
     # auxiliary model"). Retrained on a 2-core Intel Xeon the teacher differs in float rounding and so do its students:
     # teacher 4.07, alternating k = 8 seeds 2 / 3 9.64 / 9.87, one rate 9.19, so these rankings hold for one teacher;
-    # and that teacher's own 8-step sampler on step_grid="cosine" gives 5.60 (README, "The same preset on another CPU").
-    # Stop 30 (README, "The same preset on another CPU"; that Xeon teacher, FD mean of 8 keys): on the cosine step
+    # and that teacher's own 8-step sampler on step_grid="cosine" gives 5.60 (EXPERIMENTS.md, "The same preset on another CPU").
+    # Stop 30 (EXPERIMENTS.md, "The same preset on another CPU"; that Xeon teacher, FD mean of 8 keys): on the cosine step
     # grid with flat weighting and 300 updates the alternating k = 8 student gives 4.07 / 4.44 (seeds 2 / 3) against
     # 9.64 / 9.87 with the settings above (teacher 256 steps 4.07, its 8 steps on the cosine grid 5.60); 150 updates
     # 4.91 / 4.24, 50 6.48; instant MM on the cosine grid 4.51 (seed 0). Hence step_grid="cosine", weighting="flat"

@@ -24,7 +24,7 @@ def dmd2_optimiser(lr=2e-6, warmup=500, clip=10.0, weight_decay=0.01, decay_step
     """DMD2 (official ImageNet-64 config): AdamW(0.9, 0.999), weight decay 0.01, 500 warm-up steps, clip 10.
 
     `decay_steps`: None keeps the learning rate constant after the warm-up (official); an int decays it along
-    a cosine to 0 at that update (our choice for the generator of short toy runs: see the README's DMD2 table).
+    a cosine to 0 at that update (our choice for the generator of short toy runs: see EXPERIMENTS.md's DMD2 tables).
     """
     if decay_steps is None:
         sched = optax.warmup_constant_schedule(0.0, lr, warmup)

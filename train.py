@@ -151,7 +151,7 @@ class Averaged(eqx.Module):
 
     DMD2's generator and critic play a game at a constant learning rate, and the last weights swing from update
     to update; averaging the iterates is the usual cure (the official code trains 100x longer at a 100x smaller
-    rate and keeps no average). The README's DMD2 table measured it on three seeds before it became the default.
+    rate and keeps no average). EXPERIMENTS.md's DMD2 tables measured it on three seeds before it became the default.
     Moment matching students can be averaged too (`Config.mm_ema`; the paper keeps none, and neither do we by default).
     """
 
