@@ -106,7 +106,10 @@ def main(method, k, seeds, over, preset="default", keys=1, student_steps=0):
             key = jr.fold_in(key_distil, train.METHODS.index(method))  # the default run's key for this phase
             key = key if seed == 0 else jr.fold_in(key, seed)
             run = train.Run(root / tag / f"s{seed}")
-            model, _, secs = train.distil(run, c, method, method, k, {}, task, teacher, net, precond, mesh, key)
+            try:  # a cached student of another config (the preset changed since) is refused, naming what to delete
+                model, _, secs = train.distil(run, c, method, method, k, {}, task, teacher, net, precond, mesh, key)
+            except (checkpoints.Stop, checkpoints.CheckpointError) as e:
+                raise SystemExit(f"error: {e}") from None
         step = "marginal" if method == "dmd2" else "ancestral"
         if student_steps:  # switch between the input times of step J - 1 (the student's last) and step J
             model = Handover(model, teacher, 0.5 * (grid[student_steps - 1] + grid[student_steps]))
