@@ -48,7 +48,8 @@ NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", 
 DMD2_FIELDS = ("ttur", "gan", "backward_sim", "per_step_critic", "dmd2_grid", "dmd2_times", "dmd2_train_steps",
                "dmd2_lr", "dmd2_lr_decay", "gan_gen_weight", "dmd2_ema")
 MM_FIELDS = ("zs_sampling", "weighting", "instant_weighting", "mm_train_steps", "mm_train_steps_per_k", "mm_lr",
-             "instant_lr", "instant_train_steps", "mm_aux_steps", "mm_aux_lr", "mm_b1", "mm_ema", "precond_eps",
+             "instant_lr", "instant_train_steps", "mm_aux_steps", "mm_aux_lr",
+             "mm_aux_lr_per_k", "mm_b1", "mm_ema", "precond_eps",
              "instant_eq10", "nu_decay", "data_grad_batches", "nu_batch_mult", "step_grid")
 
 

@@ -59,6 +59,7 @@ class Config:
     instant_train_steps: int = 0  # Algorithm 3's updates (0: mm_train_steps, the same as Algorithm 2's)
     mm_aux_steps: int = 1  # Algorithm 2: auxiliary-model updates per generator update (1: strict alternation, as the paper)
     mm_aux_lr: float = 0.0  # Algorithm 2: the auxiliary model's peak learning rate (0: mm_lr, one rate for both, as the paper)
+    mm_aux_lr_per_k: tuple = ()  # ((k, lr), ...): mm_aux_lr for these k (the rate that suits depends on k)
     mm_b1: float = 0.0  # Adam's beta1 of the MM students and auxiliary model (0: no momentum, as the paper's App. B)
     mm_ema: float = 0.0  # decay of the MM students' weight average, which is then sampled (0: the last weights, as the paper)
     precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
@@ -117,6 +118,15 @@ class Config:
                              f"got {pairs!r}")
         if len({k for k, _ in pairs}) < len(pairs):
             raise ValueError(f"mm_train_steps_per_k names a k twice: {pairs!r}")
+        pairs = self.mm_aux_lr_per_k
+        if not (isinstance(pairs, tuple) and all(
+                isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+                and p[0] >= 1 and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)
+                and 0.0 <= p[1] < float("inf") for p in pairs)):
+            raise ValueError(f"mm_aux_lr_per_k must be a tuple of (k, lr) pairs, k an integer >= 1 and lr a finite "
+                             f"number >= 0 (0: mm_lr); got {pairs!r}")
+        if len({k for k, _ in pairs}) < len(pairs):
+            raise ValueError(f"mm_aux_lr_per_k names a k twice: {pairs!r}")
         v = self.instant_train_steps
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"instant_train_steps must be an integer >= 0 (0: mm_train_steps); got {v!r}")
@@ -167,6 +177,11 @@ class Config:
         mm = dict(self.mm_train_steps_per_k).get(k, self.mm_train_steps)
         return (self.instant_train_steps or mm) if method == "mm_instant" else mm
 
+    def aux_lr(self, k: int) -> float:
+        """Algorithm 2's auxiliary-model peak learning rate for the k-step student: mm_aux_lr, or its entry for k in
+        mm_aux_lr_per_k (0: the generator's mm_lr, one rate for both)."""
+        return dict(self.mm_aux_lr_per_k).get(k, self.mm_aux_lr)
+
 
 # Toy data: DMD2 trains 6,000 generator updates without its GAN term and samples the 0.999 weight average (EXPERIMENTS.md,
 # DMD2 table, three seeds on ring8, MMD^2 x 1e-3 at k = 1 / 4: 1,000 updates, average 0.99: 2.81 / 3.36; 3,000: 1.60 /
@@ -210,39 +225,20 @@ IMAGE_PRESETS = {
     "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
                     dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8), n_samples=200, chunk=20,
                     teacher_ema=0.9, teacher_samplers=("ancestral",)),
-    # For one GPU: a teacher trained 4x longer with a weight average, every method at k = 1, 2, 4, 8 with the CPU
-    # default's MM student settings (mm_lr 1e-3, from the CPU tables above; the paper's 1e-4 gave alternating k = 8
-    # FD 5.3-6.2 against the teacher's 4.7-5.0 on an H100) but (until stop 30, on the uniform grid) 1,500 updates
-    # and a longer student average, the ablations, and the teacher's samplers at more step counts for
-    # metric_vs_nfe.png. Measured on a CPU (EXPERIMENTS.md, "Accelerator preset", alternating k = 8 FD, student seeds 0 / 1;
-    # teacher 256 steps 4.34): 3,000 updates with a 0.99 / 0.999 / 0.9995 average 7.24 / 6.66, 5.35 / 5.63, 5.05 /
-    # 5.34; with 0.9995 and 1,500 updates (until stop 30) 4.66 / 4.60, class accuracy 0.915 / 0.922 (teacher
-    # 0.927); seed 0 with one change each: 750 / 1,000 / 2,000 updates 6.63 / 5.39 / 5.42, average 0.9998 4.88,
-    # mm_lr 5e-4 6.07, 6,000 updates (0.999) 6.25. DMD2 k = 1 10.88 / 10.98,
-    # k = 4 5.09 (seed 0). Instant k = 8 (seed 0) wants the longer run: 3,000 updates 9.80 (average 0.9995; 9.60 with
-    # 0.999), 1,500 updates 19.2, hence instant_train_steps 3,000. The preset's wall time on a GPU is not measured.
-    # All of these use one evaluation key, which flatters the students. Over eight (`ablation_digits.py --keys 8`)
-    # alternating k = 8 at 1,500 updates is 6.25 +- 0.30 against the teacher's 3.88 +- 0.16 (1.6x); 1,000-2,000
-    # updates, average 0.9998, batch 256 and t on the sampling grid are alike (6.2-7.0), the un-averaged student,
-    # the other learning rates and flat weighting are worse (EXPERIMENTS.md, "The evaluation key decides"). What moved it: a
-    # slower auxiliary model (Algorithm 2's g_phi), mm_aux_lr 3e-4 against the generator's 1e-3. Eight-key FD of
-    # student seeds 2 / 3 / 4: 5.24 / 5.35 / 5.61 against 6.25 / 6.14 / 6.55 with one rate (teacher 3.88); seed 2
-    # with aux lr 1e-4 5.51, 3e-3 7.26, two auxiliary updates per generator update 8.19 (EXPERIMENTS.md, "Algorithm 2's
-    # auxiliary model"). Retrained on a 2-core Intel Xeon the teacher differs in float rounding and so do its students:
-    # teacher 4.07, alternating k = 8 seeds 2 / 3 9.64 / 9.87, one rate 9.19, so these rankings hold for one teacher;
-    # and that teacher's own 8-step sampler on step_grid="cosine" gives 5.60 (EXPERIMENTS.md, "The same preset on another CPU").
-    # Stop 30 (EXPERIMENTS.md, "The same preset on another CPU"; that Xeon teacher, FD mean of 8 keys): on the cosine step
-    # grid with flat weighting and 300 updates the alternating k = 8 student gives 4.07 / 4.44 (seeds 2 / 3) against
-    # 9.64 / 9.87 with the settings above (teacher 256 steps 4.07, its 8 steps on the cosine grid 5.60); 150 updates
-    # 4.91 / 4.24, 50 6.48; instant MM on the cosine grid 4.51 (seed 0). Hence step_grid="cosine", weighting="flat"
-    # (k <= 2 had flat already) and 300 alternating updates. Not measured on a GPU, nor on another teacher.
-    # Stop 31 (same teacher, 8 keys, alternating seed 2, instant seed 0): fewer steps want more updates. 300 / 1,500
-    # / 3,000 alternating updates give k = 1 29.1 / 17.6 / 18.0, k = 2 15.7 / 10.9 / 10.7, k = 4 5.09 / 4.95,
-    # k = 8 4.07 / 4.63 (seed 3: 4.44 / 4.62); hence mm_train_steps_per_k: 1,500 for k = 1 and 2, 300 for k = 4 and 8.
-    # The teacher's own sampler at k = 1 / 2 / 4 / 8 gives 2385 / 186 / 9.56 / 5.60; instant MM k = 4 / 2 5.17 / 6.61.
+    # For one GPU (<= 15 min; its wall time is not measured): a teacher trained 4x longer with a 0.999 weight
+    # average, every method at k = 1, 2, 4, 8, the ablations, and the teacher's samplers at 1..256 steps for
+    # metric_vs_nfe.png. The MM students take the CPU default's mm_lr 1e-3 (the paper's 1e-4 is for 200,000-update
+    # runs), the cosine step grid with flat weighting (stop 30: on that grid EDM's weight destroys the good start),
+    # a 0.9995 student average, 300 alternating updates at k = 4 and 8 and 1,500 at k = 1 and 2 (stop 31: fewer
+    # steps want more updates), instant MM 3,000. Algorithm 2's auxiliary model shares the generator's rate (stop
+    # 34; mm_aux_lr 3e-4 until then) except at k = 1: alternating k = 8, FD mean of 8 evaluation keys on the Xeon
+    # teacher, student seeds 2 / 3 / 4 / 5, 3.31 / 3.95 / 3.85 / 3.61 against 4.07 / 4.44 / 3.93 / 4.00 with 3e-4 (the
+    # teacher's 256 steps: 3.91); through train.py k = 2 / 4 / 8 10.48 / 4.38 / 4.09 against 11.16 / 4.41 / 4.32, but
+    # k = 1 25.45 against 17.72, so k = 1 keeps 3e-4. Every table behind these choices: EXPERIMENTS.md, "Digits, the
+    # accelerator preset".
     "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
                    mm_train_steps=300, mm_train_steps_per_k=((1, 1500), (2, 1500)), instant_train_steps=3000,
-                   step_grid="cosine", weighting="flat", mm_lr=1e-3, mm_aux_lr=3e-4, mm_ema=0.9995,
+                   step_grid="cosine", weighting="flat", mm_lr=1e-3, mm_aux_lr_per_k=((1, 3e-4),), mm_ema=0.9995,
                    dmd2_train_steps=1000,
                    teacher_ks=(1, 2, 4, 8, 16, 32, 64, 128, 256), n_samples=898, chunk=1000, mm_steps=(1, 2, 4, 8),
                    dmd2_steps=(1, 2, 4, 8), ablations=True, instant_weighting="flat", data_grad_batches=100,
@@ -251,7 +247,8 @@ IMAGE_PRESETS = {
 
 
 def as_tuples(v):
-    """A JSON value with its lists (nested too: dmd2_times, mm_train_steps_per_k) back as the Config's tuples."""
+    """A JSON value with its lists (nested too: dmd2_times, mm_train_steps_per_k, mm_aux_lr_per_k) back as the
+    Config's tuples."""
     return tuple(as_tuples(x) for x in v) if isinstance(v, list) else v
 
 

@@ -222,15 +222,20 @@ def _update_count(player):
     return counts[0]
 
 
-@pytest.mark.parametrize("aux_steps, aux_lr", [(1, 0.0), (3, 0.0), (1, 5e-3), (3, 5e-3)])
-def test_mm_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedule(aux_steps, aux_lr):
+@pytest.mark.parametrize("aux_steps, aux_lr, per_k", [(1, 0.0, ()), (3, 0.0, ()), (1, 5e-3, ()), (3, 5e-3, ()),
+                                                       (1, 0.0, ((2, 5e-3),)), (1, 5e-3, ((2, 0.0), (1, 7e-3))),
+                                                       (1, 0.0, ((1, 5e-3),))])
+def test_mm_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedule(aux_steps, aux_lr, per_k):
     """`Config.mm_aux_steps` auxiliary updates per generator update (Algorithm 2), each counted by the auxiliary
-    model's own optimiser; with more than one, or with `mm_aux_lr`, that optimiser's schedule runs over the
-    auxiliary model's own number of updates (mm_train_steps x mm_aux_steps) at its own peak rate, so its learning
-    rate is not spent before the generator's. The defaults (1, 0) keep the one shared optimiser of the paper."""
+    model's own optimiser; with more than one, or with `mm_aux_lr` (or its entry for this k in `mm_aux_lr_per_k`),
+    that optimiser's schedule runs over the auxiliary model's own number of updates (mm_train_steps x
+    mm_aux_steps) at its own peak rate, so its learning rate is not spent before the generator's. The defaults
+    (1, 0, none) keep the one shared optimiser of the paper; an entry for another k changes nothing here."""
     import tasks  # noqa: PLC0415
 
-    cfg = dataclasses.replace(TINY, mm_train_steps=20, mm_aux_steps=aux_steps, mm_aux_lr=aux_lr)
+    cfg = dataclasses.replace(TINY, mm_train_steps=20, mm_aux_steps=aux_steps, mm_aux_lr=aux_lr,
+                              mm_aux_lr_per_k=per_k)
+    aux_lr = dict(per_k).get(2, aux_lr)  # the student below has k = 2
     task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
     net = train.teacher_setup(cfg, task, mesh)[0].model
     made = []
@@ -248,6 +253,12 @@ def test_mm_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedu
     assert made == [(cfg.mm_lr, 20, 2, 0.0)] + own
     with pytest.raises(ValueError, match=r"mm_aux_lr must be a finite number >= 0 \(0: mm_lr\); got -0.001"):
         dataclasses.replace(TINY, mm_aux_lr=-1e-3)
+    for bad in (((2, -1e-3),), ((0, 1e-3),), ((2,),), ((2, float("nan")),), ((2.0, 1e-3),), ((2, True),), 5):
+        with pytest.raises(ValueError, match=re.escape(f"(k, lr) pairs, k an integer >= 1 and lr a finite number >= 0 "
+                                                       f"(0: mm_lr); got {bad!r}")):
+            dataclasses.replace(TINY, mm_aux_lr_per_k=bad)
+    with pytest.raises(ValueError, match=r"mm_aux_lr_per_k names a k twice: \(\(1, 0.001\), \(1, 0.002\)\)"):
+        dataclasses.replace(TINY, mm_aux_lr_per_k=((1, 1e-3), (1, 2e-3)))
     with pytest.raises(ValueError, match=r"aux_steps \(auxiliary updates per generator update\) must be an integer >= 1; got 0"):
         train.mmd.MMConfig(aux_steps=0)
 

@@ -261,9 +261,9 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
         if method == "mm_alternating":
             mcfg = dataclasses.replace(mcfg, aux_steps=c.mm_aux_steps)
             opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10), b1=c.mm_b1)
-            if c.mm_aux_steps > 1 or c.mm_aux_lr:  # the auxiliary model's own schedule, over its own number of updates
+            if c.mm_aux_steps > 1 or c.aux_lr(k):  # the auxiliary model's own schedule, over its own number of updates
                 n_aux = num * c.mm_aux_steps
-                opt = (opt, mmd.mm_optimiser(c.mm_aux_lr or c.mm_lr, n_aux, warmup=min(1000, n_aux // 10),
+                opt = (opt, mmd.mm_optimiser(c.aux_lr(k) or c.mm_lr, n_aux, warmup=min(1000, n_aux // 10),
                                                 b1=c.mm_b1))
             state = mmd.init_alternating(auxiliary_start(cfg, task, net), opt, student=net)
             step = with_labels(lambda st, kk, x, lab: mmd.alternating_step(
