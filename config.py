@@ -25,6 +25,17 @@ DESCRIPTION = "`python train.py`: train a teacher, distil students with each alg
 METHODS = ("mm_alternating", "mm_instant", "dmd2")
 
 
+def per_k(name, pairs, what, value_ok):
+    """Check a Config field of `(k, value)` pairs (k an integer >= 1, named once, `value_ok(value)`); a ValueError
+    names the field, what it takes and the bad value."""
+    if not (isinstance(pairs, tuple) and all(
+            isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
+            and p[0] >= 1 and value_ok(p[1]) for p in pairs)):
+        raise ValueError(f"{name} must be a tuple of {what}; got {pairs!r}")
+    if len({k for k, _ in pairs}) < len(pairs):
+        raise ValueError(f"{name} names a k twice: {pairs!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     """Defaults of the default run (ring8, trained teacher, MM k = 8, DMD2 k = 1 and 4)."""
@@ -110,23 +121,11 @@ class Config:
                 raise ValueError(f"{f} must be an integer >= 1; got {v!r}")
         if not 0.0 <= self.mm_aux_lr < float("inf"):
             raise ValueError(f"mm_aux_lr must be a finite number >= 0 (0: mm_lr); got {self.mm_aux_lr!r}")
-        pairs = self.mm_train_steps_per_k
-        if not (isinstance(pairs, tuple) and all(
-                isinstance(p, tuple) and len(p) == 2 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 1
-                                                             for v in p) for p in pairs)):
-            raise ValueError(f"mm_train_steps_per_k must be a tuple of (k, updates) pairs of integers >= 1; "
-                             f"got {pairs!r}")
-        if len({k for k, _ in pairs}) < len(pairs):
-            raise ValueError(f"mm_train_steps_per_k names a k twice: {pairs!r}")
-        pairs = self.mm_aux_lr_per_k
-        if not (isinstance(pairs, tuple) and all(
-                isinstance(p, tuple) and len(p) == 2 and isinstance(p[0], int) and not isinstance(p[0], bool)
-                and p[0] >= 1 and isinstance(p[1], (int, float)) and not isinstance(p[1], bool)
-                and 0.0 <= p[1] < float("inf") for p in pairs)):
-            raise ValueError(f"mm_aux_lr_per_k must be a tuple of (k, lr) pairs, k an integer >= 1 and lr a finite "
-                             f"number >= 0 (0: mm_lr); got {pairs!r}")
-        if len({k for k, _ in pairs}) < len(pairs):
-            raise ValueError(f"mm_aux_lr_per_k names a k twice: {pairs!r}")
+        per_k("mm_train_steps_per_k", self.mm_train_steps_per_k, "(k, updates) pairs of integers >= 1",
+              lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
+        per_k("mm_aux_lr_per_k", self.mm_aux_lr_per_k,
+              "(k, lr) pairs, k an integer >= 1 and lr a finite number >= 0 (0: mm_lr)",
+              lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < float("inf"))
         v = self.instant_train_steps
         if not isinstance(v, int) or isinstance(v, bool) or v < 0:
             raise ValueError(f"instant_train_steps must be an integer >= 0 (0: mm_train_steps); got {v!r}")
