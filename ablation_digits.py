@@ -49,7 +49,6 @@ import numpy as np
 
 import checkpoints
 import config
-import mmd
 import parallel
 import tasks
 import train
@@ -91,11 +90,8 @@ def main(method, k, seeds, over, preset="default", keys=1, student_steps=0):
     root = Path("runs/ablation/digits_s0" if preset == "default" else f"runs/ablation/digits_{preset}_s0")
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
     state = train.train_teacher(train.Run(root), cfg, task, mesh, key_teacher)[0]
-    teacher = state.model
-    precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps)
     c = dataclasses.replace(cfg, **over)
-    net = teacher
-    teacher, precond = train.guided(c, net, precond)  # as train.main does (the students still start from `net`)
+    teacher, net, precond = train.frozen_teacher(c, task, state)  # as train.main reads it (students start from `net`)
     tag = "_".join([f"{method}_k{k}"] + [f"{n}={v}" for n, v in over.items()])
     times = train.step_times(c, method, k, task)
     grid = [1.0 - i / k for i in range(k)] if times is None else list(times)
