@@ -56,3 +56,42 @@ def _free_compiled_programs_when_many():
     n, cap = _mappings()
     if n > cap // 3:
         _free_compiled_programs()
+
+
+# Profile of the suite (`MMD_PROFILE=profile.json pytest ...`, read by `python benchmarks.py profile`): each
+# test's wall time and the seconds JAX spent tracing, lowering and compiling in it, and the number of XLA
+# compilations, from JAX's own monitoring events.
+_PROFILE = os.environ.get("MMD_PROFILE")
+_COMPILE_EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower",
+    "/jax/core/compile/backend_compile_duration": "compile",
+}
+_now = {"trace": 0.0, "lower": 0.0, "compile": 0.0, "compiles": 0}
+_tests = {}
+
+if _PROFILE:
+    import json  # noqa: E402
+    import time  # noqa: E402
+
+    def _on_duration(event, seconds, **_):
+        part = _COMPILE_EVENTS.get(event)
+        if part is not None:
+            _now[part] += seconds
+            _now["compiles"] += part == "compile"
+
+    jax.monitoring.register_event_duration_secs_listener(_on_duration)
+
+    @pytest.hookimpl(hookwrapper=True)
+    def pytest_runtest_protocol(item, nextitem):
+        before, t0 = dict(_now), time.perf_counter()
+        yield
+        row = {k: _now[k] - before[k] for k in _now}
+        row["wall"] = time.perf_counter() - t0
+        _tests[item.nodeid] = row
+
+    def pytest_sessionfinish(session, exitstatus):
+        worker = os.environ.get("PYTEST_XDIST_WORKER", "")
+        path = _PROFILE if not worker else f"{_PROFILE}.{worker}"
+        with open(path, "w") as f:
+            json.dump(_tests, f, indent=0)
