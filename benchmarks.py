@@ -260,7 +260,7 @@ def teacher_ema_table(data="digits", steps=None, decays=(0.99, 0.995, 0.998, 0.9
     task, mesh = tasks.make_task(cfg), parallel.data_mesh()
     opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
 
-    def fn(st, k, x, lab):
+    def fn(st, x, k, lab):
         (player, emas, _), n1 = st, st[2] + 1
         player, loss = mmd.teacher_step(player, x, k, optimiser=opt, schedule=task.schedule, label=lab)
         return (player, [train.ema_update(e, player.model, d, n1) for e, d in zip(emas, decays)], n1), {"loss": loss}

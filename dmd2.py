@@ -6,6 +6,7 @@ discriminator head). It shares `mmd`'s players, optimiser plumbing and `scan_ste
 import dataclasses
 from typing import Optional
 
+import einops
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,10 @@ import jax.random as jr
 import optax
 
 import losses as L
-from mmd import Player, apply_grads, init_player, per_player, scan_steps
+from mmd import Distiller, Player, with_average, apply_grads, batch_size, init_player, per_player, scan_steps
 from models import DiscriminatorHead
-from sampling import Schedule, bcast, check_step_times, diffuse, karras_grid_time, step_grid
+from sampling import (Schedule, bcast, check_step_times, diffuse, dmd2_official_times, karras_grid_time,
+                      step_grid)
 
 sg = jax.lax.stop_gradient
 
@@ -66,9 +68,23 @@ class DMD2Config:
 
 
 
-def init_dmd2(teacher, head_key, optimiser, cfg: DMD2Config, feat_dim, student=None) -> DMD2State:
+def check_gan(fake, cfg: DMD2Config, feat_dim):
+    """Raise unless the GAN term can run: the fake score has `features(z, t[, label])` and `feat_dim` is given."""
+    if not cfg.gan:
+        return
+    if not callable(getattr(fake, "features", None)):
+        raise ValueError(f"DMD2's GAN term (gan=True) reads the fake score's bottleneck features, but "
+                         f"{type(fake).__name__} has no method features(z, t[, label]); add one or pass gan=False")
+    if not (isinstance(feat_dim, int) and feat_dim >= 1):
+        raise ValueError(f"DMD2's GAN term (gan=True) needs feat_dim, the number of channels of features(); "
+                         f"got {feat_dim!r}")
+
+
+def init_dmd2(teacher, head_key, optimiser, cfg: DMD2Config, feat_dim=None, student=None) -> DMD2State:
     """Generator and fake score start from the teacher (the generator from `student` if given); the GAN head is new.
-    `optimiser`: one for both players, or a pair `(generator's, critic's)` (as `dmd2_step` takes it)."""
+    `optimiser`: one for both players, or a pair `(generator's, critic's)` (as `dmd2_step` takes it). `feat_dim`:
+    channels of `teacher.features`, needed with the GAN term only."""
+    check_gan(teacher, cfg, feat_dim)
     gen_opt, critic_opt = per_player(optimiser)
     head = DiscriminatorHead(feat_dim, key=head_key) if cfg.gan else None
     gen = teacher if student is None else student
@@ -164,6 +180,9 @@ def dmd2_step(state: DMD2State, real, x_real, key, *, cfg: DMD2Config, optimiser
     it noises `x_real[0]`), `label` None or `(ttur, B)`: the class of each real example, which the
     generator is also asked for. Returns `(state, {"fake_loss", "disc_loss", "dm_loss", "gan_loss"})`.
     """
+    if x_real.ndim < 2 or x_real.shape[0] != cfg.ttur:
+        raise ValueError(f"x_real must be (ttur, B, *data), one real batch per critic update (ttur = {cfg.ttur}); "
+                         f"got shape {x_real.shape}")
     k_c, k_g = jr.split(key)
     gen = state.generator
     gen_opt, critic_opt = per_player(optimiser)
@@ -184,3 +203,50 @@ def dmd2_step(state: DMD2State, real, x_real, key, *, cfg: DMD2Config, optimiser
     return DMD2State(gen, critic), metrics
 
 
+
+
+def dmd2_distiller(teacher, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=3e-4, lr_decay=False, ttur=5,
+                   gan=False, feat_dim=None, gan_gen_weight=3e-3, times="official", data_var=None,
+                   per_step_critic=True, backward_sim=True, ema=0.999, head_key=None, student=None,
+                   fake_start=None) -> Distiller:
+    """DMD2 for `teacher` (the real score), with the settings the toy record chose (`DMD2Config` has the official ones).
+
+    **Arguments:**
+    - `k`: generator steps; `steps`: generator updates the optimisers' schedules span (the critic makes `ttur` x more).
+    - `lr`, `lr_decay`: both players' AdamW rate; `lr_decay` decays the generator's along a cosine to 0.
+    - `gan`, `feat_dim`, `gan_gen_weight`: the GAN term reads `fake_start.features(z, t[, label])` of `feat_dim`
+      channels (required with `gan=True`, ignored without).
+    - `times`: the generator's k step times: `"official"` (DMD2's 999/749/... grid at the data's scale: needs
+      `data_var`, the data's variance averaged over coordinates), None (uniform, 1 - j/k) or a tuple.
+    - `per_step_critic`, `backward_sim`: `DMD2Config`'s. `ema`: decay of the generator's weight average (0: none).
+    - `head_key`: initialises the discriminator head (None: `jax.random.key(0)`).
+    - `student`, `fake_start`: where the generator and the fake score start (None: the teacher).
+
+    A step takes `ttur` real batches, `x` `(ttur * B, *data)`.
+    """
+    if times == "official":
+        if k > 1 and data_var is None:
+            raise ValueError("times='official' puts DMD2's grid at the data's scale: pass data_var (the data's "
+                             "variance averaged over coordinates, e.g. x.var(0).mean()), or times=None for uniform")
+        times = None if k == 1 else dmd2_official_times(schedule, k, data_var)
+    cfg = DMD2Config(k=k, ttur=ttur, gan=gan, backward_sim=backward_sim, per_step_critic=per_step_critic, times=times,
+                     gan_gen_weight=gan_gen_weight)
+    fake = teacher if fake_start is None else fake_start
+    check_gan(fake, cfg, feat_dim)
+    warmup = min(500, steps // 5)
+    opt = dmd2_optimiser(lr, warmup=warmup)
+    if lr_decay:
+        opt = (dmd2_optimiser(lr, warmup=warmup, decay_steps=steps), opt)
+
+    def init():
+        key = jr.key(0) if head_key is None else head_key
+        return init_dmd2(fake, key, opt, cfg, feat_dim, student=teacher if student is None else student)
+
+    def step(state, x, key, label=None):
+        what = f"dmd2_distiller (ttur = {ttur} real batches)"
+        x = einops.rearrange(x, "(n b) ... -> n b ...", n=ttur, b=batch_size(x, ttur, what))
+        label = None if label is None else einops.rearrange(label, "(n b) -> n b", n=ttur)
+        return dmd2_step(state, teacher, x, key, cfg=cfg, optimiser=opt, schedule=schedule, label=label)
+
+    init, step = with_average(init, step, ema)
+    return Distiller(init, step, k, schedule, steps, "marginal", times, ttur)

@@ -8,7 +8,7 @@ transformations passed in (defaults below follow each paper). `scan_steps` runs 
 """
 
 import dataclasses
-from typing import Optional
+from typing import Callable, Optional
 
 import equinox as eqx
 import jax
@@ -17,6 +17,7 @@ import jax.random as jr
 import optax
 
 import losses as L
+import sampling
 from sampling import Schedule, diffuse, edm_train_time
 
 sg = jax.lax.stop_gradient
@@ -31,6 +32,9 @@ def mm_optimiser(lr=1e-4, total_steps=200_000, warmup=1000, clip=1.0, b1=0.0):
 
     `b1 > 0` gives Adam momentum, which averages the gradient's noise over about 1 / (1 - b1) updates.
     """
+    if not 0 <= warmup <= total_steps:
+        raise ValueError(f"warmup must lie in [0, total_steps = {total_steps}] (a run that never leaves its warm-up "
+                         f"never reaches lr); got {warmup}")
     warmup = min(warmup, max(total_steps // 2, 1))
     sched = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))], [warmup]
@@ -38,10 +42,13 @@ def mm_optimiser(lr=1e-4, total_steps=200_000, warmup=1000, clip=1.0, b1=0.0):
     return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=b1, b2=0.99, eps=1e-12))
 
 
+TEACHER_B2 = 0.99  # Adam's b2 of `teacher_optimiser`: what `preconditioner_from_adam` must be told
+
+
 def teacher_optimiser(lr=1e-3, total_steps=10_000, warmup=200, clip=1.0):
     """Teacher training: Adam(0.9, 0.99), warm-up then cosine decay, clip 1 (the usual small-model recipe)."""
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, total_steps // 2), max(total_steps, 2))
-    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=0.9, b2=0.99))
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=0.9, b2=TEACHER_B2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -80,7 +87,7 @@ class MMConfig:
     """Moment matching options (Algorithms 2 and 3)."""
 
     k: int = 8  # sampling steps of the student
-    weighting: str = "edm"  # w(s): edm | flat | dmd (Sec. 3.3: flat or dmd for k = 1, 2)
+    weighting: object = "edm"  # w(s): edm | flat | dmd (Sec. 3.3: flat or dmd for k = 1, 2) | a callable
     zs_sampling: str = "posterior"  # posterior q(z_s|z_t,x~) | marginal q(z_s|x~) (Sec. 5.2)
     time_grid: bool = False  # t on the k-step sampling grid (losses.sample_times) instead of s + U[0, 1/k]
     grid_shift: Optional[float] = None  # the student's step grid: sampling.grid_times (None: uniform in t)
@@ -93,8 +100,9 @@ class MMConfig:
         if not isinstance(self.aux_steps, int) or isinstance(self.aux_steps, bool) or self.aux_steps < 1:
             raise ValueError(f"aux_steps (auxiliary updates per generator update) must be an integer >= 1; "
                              f"got {self.aux_steps!r}")
-        if self.weighting not in L.WEIGHTINGS:
-            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {L.WEIGHTINGS}")
+        if not callable(self.weighting) and self.weighting not in L.WEIGHTINGS:
+            raise ValueError(f"unknown weighting {self.weighting!r}; choose one of {L.WEIGHTINGS} or pass a callable "
+                             f"w(schedule, s, x, x_teacher) -> (B,)")
         if self.zs_sampling not in L.ZS_SAMPLING:
             raise ValueError(f"unknown zs_sampling {self.zs_sampling!r}; choose one of {L.ZS_SAMPLING}")
         if not 0.0 <= self.nu_decay < 1.0:
@@ -202,8 +210,11 @@ def check_preconditioner(precond, teacher):
         )
 
 
-def preconditioner_from_adam(opt_state, b2=0.99, eps=1e-3):
+def preconditioner_from_adam(opt_state, *, b2, eps=1e-3):
     """Lambda = 1 / (sqrt(v_hat) + eps) from an optax Adam state (bias-corrected second moments).
+
+    `b2`: the b2 the teacher's Adam ran with (`TEACHER_B2` for `teacher_optimiser`; optax's `adam` default is
+    0.999). An optax state does not record it, and a wrong value silently mis-corrects v's bias.
 
     The guard `eps`: Adam's own 1e-8 (or App. B's 1e-12) lets parameters whose gradients are almost
     always zero (e.g. units dead on the data) get Lambda ~ 1e8 and dominate nu, which made a prototype
@@ -232,7 +243,7 @@ def estimate_preconditioner(teacher, schedule: Schedule, xs, key, *, b2=0.99, ep
         return adam.update(grads, state)[1], None
 
     state, _ = jax.lax.scan(body, state, (xs, jr.split(key, xs.shape[0])))
-    return preconditioner_from_adam(state, b2, eps)
+    return preconditioner_from_adam(state, b2=b2, eps=eps)
 
 
 def data_moment(teacher, schedule: Schedule, xs, key, *, weighting="edm", labels=None):
@@ -304,3 +315,192 @@ def scan_steps(step, state, xs):
 
     dynamic, outs = jax.lax.scan(body, dynamic, xs)
     return eqx.combine(dynamic, static), outs
+
+
+# ----------------------------------------------------------------------------------------------
+# Students' weight average.
+
+
+def ema_update(ema, model, decay, n):
+    """The EMA of a model's weights after its n-th update (n >= 1), bias-corrected as Adam's first moment.
+
+    With `e_n = d e_{n-1} + (1 - d) p_n`, `e_0 = 0`, this returns `e_n / (1 - d^n)`, the average of p_1..p_n
+    with weights proportional to `d^(n - i)` (no pull towards the initial weights), from the previous average:
+    `avg_n = b avg_{n-1} + (1 - b) p_n`, `b = d (1 - d^(n-1)) / (1 - d^n)` (b = 0 at n = 1). `0 < decay < 1`.
+    Only floating-point arrays are averaged; everything else is taken from `model`.
+    """
+    log_d = jnp.log(jnp.asarray(decay, jnp.float32))
+    b = jnp.exp(log_d) * jnp.expm1((n - 1) * log_d) / jnp.expm1(n * log_d)
+    avg = jax.tree.map(lambda e, p: b * e + (1 - b) * p, eqx.filter(ema, eqx.is_inexact_array),
+                       eqx.filter(model, eqx.is_inexact_array))
+    return eqx.combine(avg, eqx.filter(model, eqx.is_inexact_array, inverse=True))
+
+
+class Averaged(eqx.Module):
+    """A student's training state and the running average of its weights (checkpointed together, so resume is exact).
+
+    DMD2's generator and critic play a game at a constant learning rate, and the last weights swing from update
+    to update; averaging the iterates is the usual cure (the official code trains 100x longer at a 100x smaller
+    rate and keeps no average). Moment matching students can be averaged too (the paper keeps no average).
+    """
+
+    state: eqx.Module  # dmd2.DMD2State, AlternatingState or InstantState
+    ema: eqx.Module  # bias-corrected EMA of student(state)
+    count: jax.Array  # () int32, updates averaged into `ema`
+
+
+def student(state):
+    """The network a distillation state samples with: Algorithm 3's student, else the generator (Algorithm 2, DMD2);
+    the weight average of an `Averaged` state."""
+    if isinstance(state, Averaged):
+        return state.ema
+    return state.student.model if isinstance(state, InstantState) else state.generator.model
+
+
+def averaged(step, decay):
+    """`step(state, x, key, label) -> (state, metrics)` of a distillation state, as a step of `Averaged` that also
+    updates the average of the student's weights (`ema_update`). The training itself is unchanged."""
+
+    def fn(s: Averaged, x, key, label=None):
+        inner, metrics = step(s.state, x, key, label)
+        n = s.count + 1
+        return Averaged(inner, ema_update(s.ema, student(inner), decay, n), n), metrics
+
+    return fn
+
+
+# ----------------------------------------------------------------------------------------------
+# An algorithm set up for a teacher: what a port of this code calls (train.py calls it too).
+
+
+@dataclasses.dataclass(frozen=True)
+class Distiller:
+    """One algorithm set up for one teacher (`alternating_distiller`, `instant_distiller`, `dmd2.dmd2_distiller`).
+
+    Its optimisers are built once, inside: the jitted step functions take the optimiser as a static argument,
+    so a fresh optimiser on every call would recompile every step.
+
+    **Fields:**
+    - `init`: `() -> state`, the initial training state (an `eqx.Module`; checkpoint it with `eqx.tree_serialise_leaves`).
+    - `step`: `(state, x, key, label=None) -> (state, metrics)`, one update. `x` is `(batch_multiple * B, *data)`
+      real examples (`label` `(batch_multiple * B,)` classes or None); compiled on its first call.
+    - `k`, `schedule`, `steps`: the student's sampling steps, the noise schedule, the updates its optimiser plans for.
+    - `sampler`, `times`: how the student samples (`sampling.sample`'s `step` and `times`).
+    - `batch_multiple`: real examples per update, in batches of B (Algorithm 3: B + B'; DMD2: one batch per critic update).
+    """
+
+    init: Callable
+    step: Callable
+    k: int
+    schedule: Schedule
+    steps: int
+    sampler: str = "ancestral"
+    times: Optional[tuple] = None
+    batch_multiple: int = 1
+
+    def student(self, state):
+        """The network to sample with (the weight average when the distiller keeps one)."""
+        return student(state)
+
+    def sample(self, state, key, shape, label=None):
+        """`shape` samples `(n, *data)` of the student in `k` steps (`label`: `(n,)` classes or None)."""
+        return sampling.sample(self.student(state), self.schedule, key, shape, self.k, self.sampler, label, self.times)
+
+
+def auto_weighting(k: int) -> str:
+    """w(s) by the number of steps (Sec. 3.3): flat for k <= 2, EDM's otherwise."""
+    return "flat" if k <= 2 else "edm"
+
+
+def warmup_steps(steps: int) -> int:
+    """The MM optimisers' linear warm-up: a tenth of the run, at most 1,000 updates (App. B's)."""
+    return min(1000, steps // 10)
+
+
+def batch_size(x, n, what):
+    """B of a step's `x` `(n * B, *data)`, with an error naming the shapes."""
+    if x.ndim < 2 or x.shape[0] % n:
+        raise ValueError(f"{what}: a step takes (n * B, *data) = ({n} x B, ...) examples; got shape {x.shape}")
+    return x.shape[0] // n
+
+
+def with_average(init, step, ema):
+    """`(init, step)` of a distiller, with a weight average of the student of decay `ema` when it is > 0."""
+    if not 0.0 <= ema < 1.0:
+        raise ValueError(f"ema (decay of the student's weight average) must lie in [0, 1); got {ema!r}")
+    if ema == 0:
+        return init, step
+
+    def init_averaged():
+        state = init()
+        return Averaged(state, student(state), jnp.int32(0))
+
+    return init_averaged, averaged(step, ema)
+
+
+def _grid(schedule, k, grid_shift):
+    return None if grid_shift is None else sampling.grid_times(schedule, k, grid_shift)
+
+
+def alternating_distiller(teacher, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=1e-4, aux_lr=None,
+                          weighting="auto", zs_sampling="posterior", grid_shift=None, aux_steps=1, b1=0.0, ema=0.0,
+                          student=None, aux_start=None) -> Distiller:
+    """Algorithm 2 (alternating moment matching) for `teacher`, a frozen unbatched denoiser `teacher(z, t[, label])`.
+
+    **Arguments:**
+    - `k`: the student's sampling steps; `steps`: generator updates the optimisers' schedules span.
+    - `lr`, `aux_lr`: peak learning rates of the generator and the auxiliary model (None: `lr`, as the paper).
+    - `weighting`: w(s), `"auto"` (`auto_weighting(k)`), `"edm"`, `"flat"`, `"dmd"` or a callable (`losses.loss_weight`).
+    - `zs_sampling`, `grid_shift`, `aux_steps`: `MMConfig`'s. `b1`: Adam's momentum (App. B: 0).
+    - `ema`: decay of a weight average of the student, which `Distiller.student` then returns (0: none).
+    - `student`, `aux_start`: where generator and auxiliary model start (None: the teacher, Algorithm 2's Require).
+    """
+    cfg = MMConfig(k=k, weighting=auto_weighting(k) if weighting == "auto" else weighting, zs_sampling=zs_sampling,
+                   grid_shift=grid_shift, aux_steps=aux_steps)
+    n_aux = steps * aux_steps
+    opt = (mm_optimiser(lr, steps, warmup_steps(steps), b1=b1),
+           mm_optimiser(lr if aux_lr is None else aux_lr, n_aux, warmup_steps(n_aux), b1=b1))
+
+    def init():
+        return init_alternating(teacher if aux_start is None else aux_start, opt, student=student)
+
+    def step(state, x, key, label=None):
+        return alternating_step(state, teacher, x, key, cfg=cfg, optimiser=opt, schedule=schedule, label=label)
+
+    init, step = with_average(init, step, ema)
+    return Distiller(init, step, k, schedule, steps, "ancestral", _grid(schedule, k, grid_shift))
+
+
+def instant_distiller(teacher, precond, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=3e-4,
+                      weighting="auto", zs_sampling="posterior", grid_shift=None, nu_decay=0.97, nu_batch_mult=2,
+                      data_grad=None, b1=0.0, ema=0.0, student=None) -> Distiller:
+    """Algorithm 3 (instant moment matching, in the teacher's parameter space) for `teacher`.
+
+    **Arguments:**
+    - `precond`: Lambda, a tree like the teacher's parameters (`preconditioner_from_adam` of the teacher's Adam
+      state, or `estimate_preconditioner`).
+    - `k`, `steps`, `lr`, `weighting`, `zs_sampling`, `grid_shift`, `b1`, `ema`: as `alternating_distiller`.
+    - `nu_decay`: average of nu over updates (`MMConfig.nu_decay`; 0: one batch's, as printed).
+    - `nu_batch_mult`: B' = `nu_batch_mult` x B, the batch that gives nu; a step takes `(1 + nu_batch_mult) B` examples.
+    - `data_grad`: Eq. 10's teacher gradient on real data (`data_moment`), or None (Eq. 9).
+    - `student`: where the student starts (None: the teacher).
+    """
+    if not isinstance(nu_batch_mult, int) or nu_batch_mult < 1:
+        raise ValueError(f"nu_batch_mult (B' / B) must be an integer >= 1; got {nu_batch_mult!r}")
+    cfg = MMConfig(k=k, weighting=auto_weighting(k) if weighting == "auto" else weighting, zs_sampling=zs_sampling,
+                   grid_shift=grid_shift, nu_decay=nu_decay)
+    check_preconditioner(precond, teacher)
+    opt = mm_optimiser(lr, steps, warmup_steps(steps), b1=b1)
+    m = 1 + nu_batch_mult
+
+    def init():
+        return init_instant(teacher if student is None else student, opt, precond)
+
+    def step(state, x, key, label=None):
+        b = batch_size(x, m, "instant_distiller (B + B' examples)")
+        lab, lab_prime = (None, None) if label is None else (label[:b], label[b:])
+        return instant_step(state, teacher, precond, x[:b], x[b:], key, cfg=cfg, optimiser=opt, schedule=schedule,
+                            label=lab, label_prime=lab_prime, data_grad=data_grad)
+
+    init, step = with_average(init, step, ema)
+    return Distiller(init, step, k, schedule, steps, "ancestral", _grid(schedule, k, grid_shift), m)

@@ -33,6 +33,7 @@ import sampling
 from config import (  # noqa: F401 - re-exported: train.Config, train.parse, ... are the public names
     IMAGE_PRESETS, METHODS, PRESETS, TOY_DMD2, Config, parse,
 )
+from mmd import Averaged, averaged, ema_update, student  # noqa: F401 - re-exported (ablation drivers, tests)
 from sampling import sample
 
 
@@ -102,7 +103,7 @@ def run_phase(run: Run, name, state, step_fn, num_steps, key, chunk, fields=None
 
 
 def with_labels(step_fn, task: tasks.Task, n, mesh, *, dropout=0.0):
-    """Wrap `step_fn(state, key, x, label)` so the batch (and its labels) is drawn inside the step,
+    """Wrap `step_fn(state, x, key, label)` so the batch (and its labels) is drawn inside the step,
     split over the devices of `mesh` (data parallelism; the step functions are unchanged).
 
     `dropout`: probability of replacing a label by the null class (classifier-free guidance training).
@@ -113,7 +114,7 @@ def with_labels(step_fn, task: tasks.Task, n, mesh, *, dropout=0.0):
         x, label = parallel.constrain_batch(task.draw(kd, n), mesh)
         if label is not None and dropout > 0:
             label = jnp.where(jr.uniform(kl, label.shape) < dropout, task.num_classes, label)
-        return step_fn(state, ks, x, label)
+        return step_fn(state, x, ks, label)
 
     return step
 
@@ -131,52 +132,6 @@ class TeacherState(eqx.Module):
         return self.player.model if self.ema is None else self.ema
 
 
-def ema_update(ema, model, decay, n):
-    """The EMA of a model's weights after its n-th update (n >= 1), bias-corrected as Adam's first moment.
-
-    With `e_n = d e_{n-1} + (1 - d) p_n`, `e_0 = 0`, this returns `e_n / (1 - d^n)`, the average of p_1..p_n
-    with weights proportional to `d^(n - i)` (no pull towards the initial weights), from the previous average:
-    `avg_n = b avg_{n-1} + (1 - b) p_n`, `b = d (1 - d^(n-1)) / (1 - d^n)` (b = 0 at n = 1). `0 < decay < 1`.
-    Only floating-point arrays are averaged; everything else is taken from `model`.
-    """
-    log_d = jnp.log(jnp.asarray(decay, jnp.float32))
-    b = jnp.exp(log_d) * jnp.expm1((n - 1) * log_d) / jnp.expm1(n * log_d)
-    avg = jax.tree.map(lambda e, p: b * e + (1 - b) * p, eqx.filter(ema, eqx.is_inexact_array),
-                       eqx.filter(model, eqx.is_inexact_array))
-    return eqx.combine(avg, eqx.filter(model, eqx.is_inexact_array, inverse=True))
-
-
-class Averaged(eqx.Module):
-    """A student's training state and the running average of its weights (checkpointed together, so resume is exact).
-
-    DMD2's generator and critic play a game at a constant learning rate, and the last weights swing from update
-    to update; averaging the iterates is the usual cure (the official code trains 100x longer at a 100x smaller
-    rate and keeps no average). EXPERIMENTS.md's DMD2 tables measured it on three seeds before it became the default.
-    Moment matching students can be averaged too (`Config.mm_ema`; the paper keeps none, and neither do we by default).
-    """
-
-    state: eqx.Module  # dmd2.DMD2State, AlternatingState or InstantState
-    ema: eqx.Module  # bias-corrected EMA of student(state)
-    count: jax.Array  # () int32, updates averaged into `ema`
-
-
-def student(state):
-    """The network a distillation state samples with: Algorithm 3's student, else the generator (Algorithm 2, DMD2)."""
-    return state.student.model if isinstance(state, mmd.InstantState) else state.generator.model
-
-
-def averaged(step, decay):
-    """`step(state, key) -> (state, metrics)` of a distillation state, as a step of `Averaged` that also updates
-    the average of the student's weights (`ema_update`). The training itself is unchanged."""
-
-    def fn(s: Averaged, key):
-        inner, metrics = step(s.state, key)
-        n = s.count + 1
-        return Averaged(inner, ema_update(s.ema, student(inner), decay, n), n), metrics
-
-    return fn
-
-
 def teacher_setup(cfg: Config, task: tasks.Task, mesh):
     """The teacher phase's initial state and step function: a network trained on the data, or (exact) regressed
     onto the closed-form denoiser, as a `TeacherState` whose `.model` (the EMA when `cfg.teacher_ema > 0`) is the
@@ -184,14 +139,14 @@ def teacher_setup(cfg: Config, task: tasks.Task, mesh):
     opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
     kw = dict(optimiser=opt, schedule=task.schedule)
     if cfg.teacher == "trained":
-        fn = lambda st, k, x, lab: mmd.teacher_step(st, x, k, label=lab, **kw)
+        fn = lambda st, x, k, lab: mmd.teacher_step(st, x, k, label=lab, **kw)
     else:
-        fn = lambda st, k, x, lab: mmd.regression_step(st, task.exact, x, k, label=lab, **kw)
+        fn = lambda st, x, k, lab: mmd.regression_step(st, task.exact, x, k, label=lab, **kw)
 
-    def fn_ema(st: TeacherState, k, x, lab):
-        player, loss = fn(st.player, k, x, lab)
+    def fn_ema(st: TeacherState, x, k, lab):
+        player, loss = fn(st.player, x, k, lab)
         n = st.count + 1
-        ema = None if st.ema is None else ema_update(st.ema, player.model, cfg.teacher_ema, n)
+        ema = None if st.ema is None else mmd.ema_update(st.ema, player.model, cfg.teacher_ema, n)
         return TeacherState(player, ema, n), {"loss": loss}
 
     step = with_labels(fn_ema, task, cfg.batch, mesh, dropout=cfg.p_uncond)
@@ -207,7 +162,7 @@ def frozen_teacher(cfg: Config, task: tasks.Task, state: TeacherState):
     net = state.model
     precond = None
     if "mm_instant" in cfg.methods:  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the network
-        precond = mmd.preconditioner_from_adam(state.player.opt_state, eps=cfg.precond_eps)
+        precond = mmd.preconditioner_from_adam(state.player.opt_state, b2=mmd.TEACHER_B2, eps=cfg.precond_eps)
     teacher, precond = guided(cfg, net if cfg.teacher == "trained" else task.exact, precond)
     return teacher, net, precond
 
@@ -236,54 +191,46 @@ def step_times(cfg: Config, method, k, task: tasks.Task):
     return None if cfg.grid_shift is None else sampling.grid_times(task.schedule, k, cfg.grid_shift)
 
 
+def alternating_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.Distiller:
+    """Algorithm 2 with `c`'s settings: generator from `net`, auxiliary model from the teacher (`auxiliary_start`)."""
+    return mmd.alternating_distiller(
+        teacher, k=k, steps=c.train_steps("mm_alternating", k), schedule=task.schedule, lr=c.mm_lr,
+        aux_lr=c.aux_lr(k) or None, weighting=c.weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift,
+        aux_steps=c.mm_aux_steps, b1=c.mm_b1, ema=c.mm_ema, student=net, aux_start=auxiliary_start(c, task, net))
+
+
+def instant_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.Distiller:
+    """Algorithm 3 with `c`'s settings, in the parameter space of `net` (`instant_space`), with Eq. 10's data term."""
+    weighting = c.weighting if c.instant_weighting == "same" else c.instant_weighting
+    weighting = mmd.auto_weighting(k) if weighting == "auto" else weighting
+    if precond is None:  # check_checkpoints: the state's structure only
+        precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    teacher, precond = instant_space(c, task, teacher, net, precond)
+    data_grad = data_moment(c, task, teacher, weighting) if c.instant_eq10 and teacher is not None else None
+    return mmd.instant_distiller(
+        teacher, precond, k=k, steps=c.train_steps("mm_instant", k), schedule=task.schedule, lr=c.instant_lr,
+        weighting=weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift, nu_decay=c.nu_decay,
+        nu_batch_mult=c.nu_batch_mult, data_grad=data_grad, b1=c.mm_b1, ema=c.mm_ema, student=net)
+
+
+def dmd2_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.Distiller:
+    """DMD2 with `c`'s settings: generator from `net`, fake score from the teacher (`auxiliary_start`)."""
+    return dmd2.dmd2_distiller(
+        teacher, k=k, steps=c.dmd2_train_steps, schedule=task.schedule, lr=c.dmd2_lr, lr_decay=c.dmd2_lr_decay,
+        ttur=c.ttur, gan=c.gan, feat_dim=task.feat_dim, gan_gen_weight=c.gan_gen_weight, times=dmd2_times(c, k, task),
+        per_step_critic=c.per_step_critic, backward_sim=c.backward_sim, ema=c.dmd2_ema, head_key=jr.key(c.seed + 1),
+        student=net, fake_start=auxiliary_start(c, task, net))
+
+
+SETUPS = {"mm_alternating": alternating_setup, "mm_instant": instant_setup, "dmd2": dmd2_setup}
+
+
 def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh):
-    """A distillation phase's initial state, step function and number of steps. `teacher` is what the losses
-    call; `net` the network students start from."""
-    c = dataclasses.replace(cfg, **overrides)
-    b, sched = cfg.batch, task.schedule
-    if method == "dmd2":
-        dcfg = dmd2.DMD2Config(k=k, ttur=c.ttur, gan=c.gan, backward_sim=c.backward_sim,
-                              per_step_critic=c.per_step_critic, times=dmd2_times(c, k, task), gan_gen_weight=c.gan_gen_weight)
-        opt = dmd2.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5))
-        if c.dmd2_lr_decay:
-            opt = (dmd2.dmd2_optimiser(c.dmd2_lr, warmup=min(500, c.dmd2_train_steps // 5),
-                                      decay_steps=c.dmd2_train_steps), opt)
-        state = dmd2.init_dmd2(auxiliary_start(cfg, task, net), jr.key(cfg.seed + 1), opt, dcfg, task.feat_dim, student=net)
-        step = with_labels(lambda st, kk, x, lab: dmd2.dmd2_step(
-            st, teacher, x.reshape(dcfg.ttur, b, *x.shape[1:]), kk, cfg=dcfg, optimiser=opt, schedule=sched,
-            label=None if lab is None else lab.reshape(dcfg.ttur, b)), task, dcfg.ttur * b, mesh)
-        num, decay = c.train_steps(method, k), c.dmd2_ema
-    else:
-        weighting = c.instant_weighting if method == "mm_instant" and c.instant_weighting != "same" else c.weighting
-        weighting = weighting if weighting != "auto" else ("flat" if k <= 2 else "edm")
-        mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift)
-        num = c.train_steps(method, k)
-        if method == "mm_alternating":
-            mcfg = dataclasses.replace(mcfg, aux_steps=c.mm_aux_steps)
-            opt = mmd.mm_optimiser(c.mm_lr, num, warmup=min(1000, num // 10), b1=c.mm_b1)
-            if c.mm_aux_steps > 1 or c.aux_lr(k):  # the auxiliary model's own schedule, over its own number of updates
-                n_aux = num * c.mm_aux_steps
-                opt = (opt, mmd.mm_optimiser(c.aux_lr(k) or c.mm_lr, n_aux, warmup=min(1000, n_aux // 10),
-                                                b1=c.mm_b1))
-            state = mmd.init_alternating(auxiliary_start(cfg, task, net), opt, student=net)
-            step = with_labels(lambda st, kk, x, lab: mmd.alternating_step(
-                st, teacher, x, kk, cfg=mcfg, optimiser=opt, schedule=sched, label=lab), task, b, mesh)
-        else:
-            mcfg = dataclasses.replace(mcfg, nu_decay=c.nu_decay)
-            if precond is None:  # check_checkpoints: the state's structure only
-                precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
-            teacher, precond = instant_space(cfg, task, teacher, net, precond)
-            data_grad = data_moment(cfg, task, teacher, weighting) if c.instant_eq10 and teacher is not None else None
-            opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10), b1=c.mm_b1)
-            state = mmd.init_instant(net, opt, precond)
-            step = with_labels(lambda st, kk, x, lab: mmd.instant_step(
-                st, teacher, precond, x[:b], x[b:], kk, cfg=mcfg, optimiser=opt, schedule=sched,
-                label=None if lab is None else lab[:b], label_prime=None if lab is None else lab[b:],
-                data_grad=data_grad), task, (1 + c.nu_batch_mult) * b, mesh)
-        decay = c.mm_ema
-    if decay > 0:
-        state, step = Averaged(state, student(state), jnp.int32(0)), averaged(step, decay)
-    return parallel.replicate(state, mesh), step, num
+    """A distillation phase's initial state, step function `(state, key) -> (state, metrics)` and number of steps.
+    `teacher` is what the losses call; `net` the network students start from."""
+    d = SETUPS[method](dataclasses.replace(cfg, **overrides), k, task, teacher, net, precond)
+    step = with_labels(d.step, task, d.batch_multiple * cfg.batch, mesh)
+    return parallel.replicate(d.init(), mesh), step, d.steps
 
 
 def guided(cfg: Config, teacher, precond=None):
@@ -300,8 +247,7 @@ def distil(run, cfg: Config, name, method, k, overrides, task: tasks.Task, teach
     """One distillation phase: its student network, loss history and training seconds."""
     state, step, num = distil_setup(cfg, method, k, overrides, task, teacher, net, precond, mesh)
     state, history, seconds = run_phase(run, name, state, step, num, key, cfg.chunk, phase_fields(cfg, name, overrides))
-    # with a weight average (cfg.dmd2_ema, cfg.mm_ema > 0) the average is the student
-    return state.ema if isinstance(state, Averaged) else student(state), history, seconds
+    return mmd.student(state), history, seconds  # the weight average when there is one
 
 
 def auxiliary_start(cfg: Config, task: tasks.Task, net):
