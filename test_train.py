@@ -2,7 +2,7 @@
 line's bad input: test_cli.py; single phases: test_phases.py).
 
 Everything runs a tiny configuration (`TINY`, seconds of training). One uninterrupted run (`run_a`) is shared by the
-tests. The JAX persistent compilation cache is switched on for this module only (a fresh directory per session):
+tests. The JAX persistent compilation cache is switched on for this module only (a fresh directory per pytest run):
 the resumed and the CLI runs compile the same programs as `run_a`, and loading them instead of compiling them again
 saves most of the time of this file. It changes no numbers (the cached executable is the one XLA compiled).
 """
