@@ -2,7 +2,8 @@
 
 `python benchmarks.py sampler|steps|memory|all [--batch B] [--width W] [--scan N] [--repeats R]` prints
 markdown tables; `python benchmarks.py teacher-ema [--data digits] [--teacher-steps N]` trains a teacher (minutes);
-`python benchmarks.py guidance [--preset full] [--scales 0,0.5,1,2] [--out DIR]` runs `train.py` once per scale.
+`python benchmarks.py guidance [--preset full] [--scales 0,0.5,1,2] [--out DIR]` runs `train.py` once per scale;
+`python benchmarks.py targets RUN_DIR` checks a finished run's report.json against this implementation's targets.
 
 - `sampler`: `sampler_error` (relative error of sample mean and covariance, `metrics.py`) of ancestral
   and DDIM sampling with the exact `GaussianDenoiser`, for 1 ... 512 steps, beside the Monte-Carlo
@@ -15,10 +16,15 @@ markdown tables; `python benchmarks.py teacher-ema [--data digits] [--teacher-st
 - `memory`: XLA's compiled memory of one update of each algorithm for the image denoiser.
 - `teacher-ema`: the teacher of a data set's default preset with and without the average of its weights.
 - `guidance`: digits with the teacher guided at several scales; the teacher and alternating MM k = 8.
+- `targets`: pass / fail of the acceptance thresholds this implementation set itself (teacher class accuracy >= 0.8,
+  instant MM within 1.5x of alternating, DMD2 k = 1 off the modes <= 3%, ...), which are not claims of the papers and
+  so are not in a run's report.md.
 """
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -28,6 +34,7 @@ import numpy as np
 
 import dmd2
 import mmd
+import report
 from data import RING2, random_cov
 from metrics import component_fractions, sampler_error, sampler_noise_floor
 from models import GaussianDenoiser, MixtureDenoiser, MLPDenoiser
@@ -326,9 +333,85 @@ def guidance_table(scales=(0.0, 0.5, 1.0, 2.0), preset="full", out="runs/guidanc
     return f"Guidance on digits, preset {preset!r}, runs in {out}/\n\n" + markdown(header, rows)
 
 
+# ----------------------------------------------------------------------------------------------
+# 6. Acceptance targets of a finished run (thresholds of this implementation, not claims of the papers).
+
+
+def targets(results, floor, m="mmd2"):
+    """This implementation's acceptance targets on one run's `results` (report.json's "samplers") and noise
+    `floor`, judged on the primary metric `m`. Rows `{"target", "measured", "met"}`; `measured` names the samplers
+    whose numbers decided each."""
+    rows = []
+    add = lambda target, measured, met: rows.append({"target": target, "measured": measured, "met": bool(met)})
+    cmp = lambda metric, a, b: report._cmp(results, metric, a, b)
+    t_many = max((r["k"] for n, r in results.items() if n.startswith("teacher_ancestral_k")), default=None)
+    ref, a8, al, d1 = f"teacher_ancestral_k{t_many}", "teacher_ancestral_k8", "mm_alternating_k8", "dmd2_k1"
+    t_ref, t8, alt, d = results.get(ref), results.get(a8), results.get(al), results.get(d1)
+    if t_ref and "acc" in t_ref:
+        add(f"teacher {t_many}-step class accuracy >= 0.8", f"acc {t_ref['acc']:.3g} ({ref})", t_ref["acc"] >= 0.8)
+    if alt and t_ref:
+        add(f"alternating k=8 {m} <= teacher {t_many}-step {m}", cmp(m, al, ref), alt[m] <= t_ref[m])
+        if m == "fd":
+            for x in (1.2, 2):
+                add(f"alternating k=8 {m} within {x}x of teacher {t_many}-step",
+                    f"{m} {alt[m]:.3g} ({al}) vs {x} x {t_ref[m]:.3g} ({ref})", alt[m] <= x * t_ref[m])
+        if "mode_tv" in alt:
+            add(f"alternating k=8 mode_tv <= teacher {t_many}-step mode_tv", cmp("mode_tv", al, ref),
+                alt["mode_tv"] <= t_ref["mode_tv"])
+        if "acc" in alt:
+            add(f"alternating k=8 class accuracy >= teacher {t_many}-step", cmp("acc", al, ref),
+                alt["acc"] >= t_ref["acc"])
+            add(f"alternating k=8 class accuracy within 0.03 of teacher {t_many}-step", cmp("acc", al, ref),
+                alt["acc"] >= t_ref["acc"] - 0.03)
+        # Sampling time scales with network evaluations, so the ideal speed-up is the NFE ratio (256 / 8 = 32x);
+        # fixed per-call costs (compiled loop, transfers) eat into it, hence the allowance of 2x.
+        ideal, speed = t_ref["nfe"] / alt["nfe"], t_ref["sample_seconds"] / alt["sample_seconds"]
+        add(f"alternating k=8 sampling faster than the {t_many}-step teacher by >= 1/2 of the NFE ratio",
+            f"{speed:.1f}x ({ref} {t_ref['sample_seconds']:.3g} s / {al} {alt['sample_seconds']:.3g} s) vs "
+            f"NFE ratio {t_ref['nfe']}/{alt['nfe']} = {ideal:.0f}x", speed >= 0.5 * ideal)
+    if alt and t8:
+        frac = 2 if m == "fd" else 3
+        add(f"alternating k=8 {m} <= 1/{frac} of teacher 8-step {m}",
+            f"{m} {alt[m]:.3g} ({al}) vs {t8[m]:.3g} / {frac} ({a8})", alt[m] <= t8[m] / frac)
+    if d and t_ref:
+        add(f"DMD2 k=1 {m} within 2x of teacher {t_many}-step", f"{m} {d[m]:.3g} ({d1}) vs 2 x {t_ref[m]:.3g} ({ref})",
+            d[m] <= 2 * t_ref[m])
+    ins, d4 = results.get("mm_instant_k8"), results.get("dmd2_k4")
+    if ins and alt:  # Algorithm 3 against Algorithm 2 and the teacher's own 8 steps
+        add(f"instant k=8 {m} <= 1.5x alternating k=8",
+            f"{m} {ins[m]:.3g} (mm_instant_k8) vs 1.5 x {alt[m]:.3g} ({al})", ins[m] <= 1.5 * alt[m])
+    if ins and t8 and m == "mmd2":
+        add(f"instant k=8 {m} <= 1/3 of teacher 8-step {m}",
+            f"{m} {ins[m]:.3g} (mm_instant_k8) vs {t8[m]:.3g} / 3 ({a8})", ins[m] <= t8[m] / 3)
+    if d and d4:  # DMD2 with several steps against one
+        add(f"DMD2 k=4 {m} <= DMD2 k=1 {m}", cmp(m, "dmd2_k4", d1), d4[m] <= d[m])
+    if d and t8 and m == "mmd2":
+        add(f"DMD2 k=1 {m} <= teacher 8-step {m}", cmp(m, d1, a8), d[m] <= t8[m])
+    if d and "mode_precision" in d:
+        off = 1.0 - d["mode_precision"]
+        add("DMD2 k=1 off-mode fraction <= 3%", f"{off:.1%} of samples off every mode ({d1})", off <= 0.03)
+    for n, r in results.items():
+        if m == "mmd2" and not n.startswith("teacher") and r["k"] >= 4:
+            add(f"{n} MMD^2 within 2x of the noise floor (meaningful with --teacher exact)",
+                f"mmd2 {r['mmd2']:.2e} ({n}) vs 2 x {max(floor['mmd2'], 0):.2e} (real vs real)",
+                r["mmd2"] <= 2 * max(floor["mmd2"], 0))
+    return rows
+
+
+def targets_table(run_dir):
+    """Markdown table of `targets` for the train.py run in `run_dir` (read from its report.json), and the count met."""
+    rep = json.loads((Path(run_dir) / "report.json").read_text())
+    m = rep.get("primary", "fd" if "fd" in rep["floor"] else "mmd2")
+    rows = targets(rep["samplers"], rep["floor"], m)
+    table = markdown(["target", "measured", "met"], [[r["target"], r["measured"], "yes" if r["met"] else "no"]
+                                                     for r in rows])
+    return f"{table}\n\n{sum(r['met'] for r in rows)} of {len(rows)} targets met ({run_dir})"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=("sampler", "steps", "memory", "all", "teacher-ema", "guidance"))
+    p.add_argument("name", choices=("sampler", "steps", "memory", "all", "teacher-ema", "guidance", "targets"))
+    p.add_argument("run", nargs="?", help="targets: a finished train.py run directory (reads its report.json)")
     p.add_argument("--preset", default="full", help="guidance: the digits preset (full: an accelerator run)")
     p.add_argument("--scales", default="0,0.5,1,2", help="guidance: comma-separated guidance scales")
     p.add_argument("--out", default="runs/guidance", help="guidance: directory of the runs")
@@ -341,6 +424,10 @@ def main(argv=None):
     p.add_argument("--scan", type=int, default=50, help="updates per timed call")
     p.add_argument("--repeats", type=int, default=7, help="timed calls per step (median)")
     args = p.parse_args(argv)
+    if args.name == "targets":
+        if args.run is None or not (Path(args.run) / "report.json").is_file():
+            p.error(f"targets needs a finished train.py run directory (with report.json); got {args.run!r}")
+        print(targets_table(args.run))
     if args.name in ("sampler", "all"):
         t0 = time.perf_counter()
         print(f"{sampler_table()}\n\n(sampler benchmark: {time.perf_counter() - t0:.0f} s)\n", flush=True)

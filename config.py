@@ -53,7 +53,7 @@ class Config:
     ttur: int = 5  # DMD2 critic updates per generator update
     gan: bool = True
     backward_sim: bool = True
-    per_step_critic: bool = True  # DMD2, k > 1: a fake score per generator step (see README, DMD2 with several steps)
+    per_step_critic: bool = True  # DMD2, k > 1: a fake score per generator step (EXPERIMENTS.md#dmd2)
     dmd2_grid: str = "official"  # DMD2 generator's step times: official (DMD2's 999/749/499/249, by log-SNR) | uniform
     dmd2_times: Optional[tuple] = None  # DMD2: explicit step times, one tuple per k (overrides dmd2_grid for that k)
     ablations: bool = False  # also run the marginal-z_s and no-GAN variants (claims table)
@@ -182,59 +182,30 @@ class Config:
         return dict(self.mm_aux_lr_per_k).get(k, self.mm_aux_lr)
 
 
-# Toy data: DMD2 trains 6,000 generator updates without its GAN term and samples the 0.999 weight average (EXPERIMENTS.md,
-# DMD2 table, three seeds on ring8, MMD^2 x 1e-3 at k = 1 / 4: 1,000 updates, average 0.99: 2.81 / 3.36; 3,000: 1.60 /
-# 1.58; 6,000 with 0.999: 1.17 / 1.29, and the one-step generator's off-mode mass fell from 3.6-5.0% to 2.6-2.8%;
-# without the GAN it was better on every seed at 1,000 updates, level at 3,000, and 2.6x cheaper). The image presets
-# `full` and `smoke` keep the GAN (smoke exercises it); the digits CPU default drops it (its comment below).
+# Toy data: DMD2 trains 6,000 updates without its GAN term and samples its 0.999 weight average (EXPERIMENTS.md#dmd2).
 TOY_DMD2 = dict(gan=False, dmd2_train_steps=6000, dmd2_ema=0.999)
 PRESETS = {
+    # `python train.py` (EXPERIMENTS.md#ring8-the-default-run-and-the-exact-teacher).
     "default": Config(**TOY_DMD2),
+    # Seconds: the end-to-end tests.
     "smoke": Config(width=32, depth=2, batch=128, teacher_steps=300, mm_train_steps=100, dmd2_train_steps=40,
                     mm_steps=(4,), dmd2_steps=(1, 2), teacher_ks=(1, 2, 4, 8, 1000), chunk=50, n_samples=2000),
+    # Every method at k = 1, 2, 4, 8 and the ablations of the claims table.
     "full": Config(mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True, **TOY_DMD2),
 }
 # Images (digits, npz:PATH): smaller batches of a larger network; 898 samples, the size of the FD reference.
-# default: a CPU run. lr 3e-3 instead of 1e-3 took a 2,000-step teacher's FD from 50 to 31, a weight average only
-# lagged behind it (EMA 0.99 no better, 0.999 worse), and 8,000 steps take its class accuracy from 0.42 to 0.87. On the
-# schedule's uniform grid (the default before stop 30) with 600 MM updates, mm_lr 1e-3 gave alternating k = 8 FD
-# 9.5 against 26.6 / 22.7 / 11.2 at 1e-4 / 3e-4 / 2e-3 (EXPERIMENTS.md).
-# mm_ema 0.99 (a weight average of the MM students): alternating k = 8 FD 10.5 / 10.5 / 10.8 against 11.2 / 11.3 / 11.3
-# without, student seeds 0 / 1 / 2; 1,200 updates gave 12.8 / 11.6 / 11.2, mm_lr 2e-3 13.1 / 14.0 / 13.4 (EXPERIMENTS.md).
 IMAGE_PRESETS = {
+    # A 2-core CPU in about 17 minutes (EXPERIMENTS.md#digits-the-cpu-default-preset).
     "default": Config(data="digits", batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=50, mm_lr=1e-3,
                       instant_train_steps=600, step_grid="cosine", weighting="flat",
                       dmd2_train_steps=150, dmd2_ema=0.0, gan=False, ttur=2, dmd2_steps=(1,),
                       teacher_ks=(1, 2, 4, 8, 64, 256), teacher_samplers=("ancestral",), n_samples=898,
                       chunk=100, data_grad_batches=100, nu_batch_mult=1, instant_weighting="flat", mm_ema=0.99),
-    # Stop 30 (EXPERIMENTS.md, "The step grid of the CPU default"; FD mean of 4 evaluation keys, student seeds 0 / 1 / 2):
-    # on the cosine grid (step_grid="cosine") the teacher's own 8-step sampler gives 7.66 against 121 on the
-    # schedule's uniform grid; instant MM (600 updates) 5.03 on seed 0 against 7.27 there; alternating MM with EDM
-    # weighting leaves that good start and blows up (FD 81 after 50 updates at mm_lr 1e-3, 142 after 100 at 1e-4),
-    # with flat weighting it does not: 50 / 150 / 300 / 600 updates give 6.86 / 7.15 / 7.64 / ~8 (mean of seeds),
-    # class accuracy 0.85 / 0.81 / 0.79 / 0.78, so it trains 50 (the uniform grid's 600 gave 11.75-12.56).
-    # dmd2_ema 0: too few updates for a 0.99 average (not measured on digits). Instant MM on digits (EXPERIMENTS.md,
-    # one run each, FD): flat weighting 5.14 against EDM's 38.0 (alternating MM: EDM 9.51, flat 11.9); 1,000
-    # data-term batches 39.8 and B' = 2B 37.2 against 38.0 with 100 and B' = B (both with EDM weighting).
-    # DMD2 k = 1 at this budget (EXPERIMENTS.md, "Fitting the CPU default into 20 minutes"; FD mean of 4 evaluation keys,
-    # student seeds 0 / 1 / 2): 150 updates, no GAN, 2 critic updates each: 53.2 / 51.8 / 42.9 in 66-93 s, against
-    # 175 (seed 0) in 121 s with the GAN, 5 critic updates and 100 updates (the former default). The teacher's DDIM
-    # sampler is not scored here (ancestral is better at every k >= 8 on digits: 256 steps 8.14 against 5.29) to
-    # save its 70-90 s; the other presets score both.
+    # Seconds: the end-to-end tests of the image path.
     "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
                     dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8), n_samples=200, chunk=20,
                     teacher_ema=0.9, teacher_samplers=("ancestral",)),
-    # For one GPU (<= 15 min; its wall time is not measured): a teacher trained 4x longer with a 0.999 weight
-    # average, every method at k = 1, 2, 4, 8, the ablations, and the teacher's samplers at 1..256 steps for
-    # metric_vs_nfe.png. The MM students take the CPU default's mm_lr 1e-3 (the paper's 1e-4 is for 200,000-update
-    # runs), the cosine step grid with flat weighting (stop 30: on that grid EDM's weight destroys the good start),
-    # a 0.9995 student average, 300 alternating updates at k = 4 and 8 and 1,500 at k = 1 and 2 (stop 31: fewer
-    # steps want more updates), instant MM 3,000. Algorithm 2's auxiliary model shares the generator's rate (stop
-    # 34; mm_aux_lr 3e-4 until then) except at k = 1: alternating k = 8, FD mean of 8 evaluation keys on the Xeon
-    # teacher, student seeds 2 / 3 / 4 / 5, 3.31 / 3.95 / 3.85 / 3.61 against 4.07 / 4.44 / 3.93 / 4.00 with 3e-4 (the
-    # teacher's 256 steps: 3.91); through train.py k = 2 / 4 / 8 10.48 / 4.38 / 4.09 against 11.16 / 4.41 / 4.32, but
-    # k = 1 25.45 against 17.72, so k = 1 keeps 3e-4. Every table behind these choices: EXPERIMENTS.md, "Digits, the
-    # accelerator preset".
+    # One GPU, meant for <= 15 minutes; quality measured on CPUs (EXPERIMENTS.md#digits-the-full-preset).
     "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
                    mm_train_steps=300, mm_train_steps_per_k=((1, 1500), (2, 1500)), instant_train_steps=3000,
                    step_grid="cosine", weighting="flat", mm_lr=1e-3, mm_aux_lr_per_k=((1, 3e-4),), mm_ema=0.9995,

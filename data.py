@@ -4,7 +4,7 @@ Toy data (`ring8`, `gauss`, `gmm`, or `get_toy(name)`) come as a `ToyData` recor
 denoiser `E[x | z_t]` (the teacher oracle, `models.MixtureDenoiser` / `models.GaussianDenoiser`) and
 the mixture parameters `weights (K,)`, `means (K, D)`, `covs (K, D, D)` that the mode metrics of
 `metrics.py` read. A Gaussian is stored as a one-component mixture in those fields, while its
-`denoiser` stays the closed-form `GaussianDenoiser` (REFERENCE.md Sec. 4).
+`denoiser` stays the closed-form `GaussianDenoiser` (its posterior mean in one linear solve).
 
 Images (`digits`, `load_npz`, or `get_images(spec)`) are float32 `(N, H, W, C)` in [-1, 1] with
 optional int labels `(N,)`: the range and `sigma_data = 0.5` that EDM preconditioning assumes.

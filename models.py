@@ -19,7 +19,7 @@ from sampling import Schedule, posterior
 
 
 # ----------------------------------------------------------------------------------------------
-# Exact denoisers (REFERENCE.md Sec. 4).
+# Exact denoisers E[x | z_t] of Gaussian data and Gaussian mixtures (closed forms: the tests' oracles).
 
 
 def _check_covs(covs, dim):
@@ -135,7 +135,7 @@ class AffineStepDenoiser(eqx.Module):
     """`x_hat = A_i z + b_i` with one affine map per step i of the k-step grid t_i = 1 - i/k (i = round((1 - t) k)).
 
     With Gaussian data every step of the exact sampler is affine, so this family contains a k-step sampler
-    whose output is exactly the data distribution: the student of the closed-form testbed (`test_mmd.py`).
+    whose output is exactly the data distribution: the student of the closed-form testbed (`test_testbed.py`).
     """
 
     A: jax.Array  # (k, D, D)
@@ -173,7 +173,7 @@ class AffineStepDenoiser(eqx.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# A small network denoiser for vector data, with EDM preconditioning (REFERENCE.md Sec. 5).
+# A small network denoiser for vector data, with EDM's preconditioning written for the VP process.
 
 
 def edm_precond(schedule: Schedule, t, sigma_data):

@@ -1,5 +1,5 @@
-"""Smoke test of `benchmarks.py` at toy size: the tables build and hold what they should; the ablation drivers'
-pieces."""
+"""Smoke test of `benchmarks.py` at toy size: the tables build and hold what they should; the acceptance targets
+of a finished run (`benchmarks.py targets RUN_DIR`); the ablation drivers' pieces."""
 
 import dataclasses
 import json
@@ -12,6 +12,7 @@ import ablation_digits
 import benchmarks
 import train
 from ablation_digits import Handover
+from test_report import image_results, row
 
 
 def test_sampler_table_toy():
@@ -28,6 +29,54 @@ def test_steps_table_toy():
     rows = [line for line in table.splitlines() if line.startswith("| ")]
     assert len(rows) == 2 and rows[1].startswith("| teacher")
     assert rows[1].split(" | ")[2] == "1.00" and "(3/3)" in rows[1]  # the teacher is its own unit
+
+
+@pytest.mark.parametrize("teacher_seconds, met", [(2.8, True), (0.5, False)])
+def test_speed_target_is_against_the_nfe_ratio(teacher_seconds, met):
+    """256 / 8 = 32x ideal: a measured 28x meets it (a fixed 100x never could), 5x does not."""
+    res = image_results(teacher_ancestral_k256=dict(sample_seconds=teacher_seconds))
+    t = row(benchmarks.targets(res, {"fd": 3.3}, "fd"), "alternating k=8 sampling faster", key="target")
+    assert t["met"] is met
+    assert "NFE ratio 256/8 = 32x" in t["measured"] and "(teacher_ancestral_k256" in t["measured"]
+
+
+def test_image_targets():
+    rows = benchmarks.targets(image_results(), {"fd": 3.3}, "fd")
+    assert row(rows, "teacher 256-step class accuracy >= 0.8", key="target")["met"] is True
+    assert row(rows, "alternating k=8 fd within 2x", key="target")["met"] is True
+    assert row(rows, "alternating k=8 class accuracy within 0.03", key="target")["met"] is True
+    low = benchmarks.targets(image_results(teacher_ancestral_k256=dict(acc=0.22)), {"fd": 3.3}, "fd")
+    assert row(low, "teacher 256-step class accuracy >= 0.8", key="target")["met"] is False
+
+
+def toy_report(off_mode):
+    """report.json of a ring8 run as train.py writes it (the fields `targets` reads), DMD2 k = 1 `off_mode` off."""
+    res = {"teacher_ancestral_k8": (8, 2.14e-3, 0.984), "teacher_ancestral_k1000": (1000, 5.79e-5, 0.999),
+           "mm_alternating_k8": (8, 5.62e-4, 0.989), "mm_instant_k8": (8, 5.80e-4, 0.984),
+           "dmd2_k1": (1, 1.43e-3, 1 - off_mode), "dmd2_k4": (4, 1.04e-3, 0.974)}
+    samplers = {n: {"k": k, "nfe": k, "mmd2": v, "mode_precision": p, "mode_tv": 0.03, "sample_seconds": k / 100}
+                for n, (k, v, p) in res.items()}
+    return {"primary": "mmd2", "floor": {"mmd2": 1.66e-5}, "samplers": samplers, "claims": []}
+
+
+@pytest.mark.parametrize("off_mode, met", [(0.027, "yes"), (0.05, "no")])
+def test_targets_command_reads_a_runs_report(off_mode, met, tmp_path, capsys):
+    """`python benchmarks.py targets RUN_DIR`: one row per target with its verdict, from report.json alone; the
+    off-mode target (<= 3%) is met at 2.7% and not at 5%."""
+    (tmp_path / "report.json").write_text(json.dumps(toy_report(off_mode)))
+    benchmarks.main(["targets", str(tmp_path)])
+    out = capsys.readouterr().out
+    (line,) = [x for x in out.splitlines() if x.startswith("| DMD2 k=1 off-mode fraction <= 3%")]
+    assert line.endswith(f"| {met} |") and f"{off_mode:.1%}" in line
+    assert "| instant k=8 mmd2 <= 1.5x alternating k=8 | mmd2 0.00058 (mm_instant_k8) vs 1.5 x 0.000562" in out
+    n_rows = sum(x.startswith("| ") for x in out.splitlines()) - 1  # less the header
+    assert f"of {n_rows} targets met" in out
+
+
+def test_targets_command_needs_a_finished_run(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        benchmarks.main(["targets", str(tmp_path)])
+    assert e.value.code == 2 and "needs a finished train.py run directory" in capsys.readouterr().err
 
 
 def test_handover_is_the_student_above_its_time_and_the_teacher_below():

@@ -148,7 +148,7 @@ def test_good_checkpoints_resume(tmp_path, monkeypatch):
 
 
 def test_truncated_checkpoint_cli(tmp_path):
-    """The report of issue 11: teacher.eqx cut to 100 bytes, `python train.py --resume DIR`: exit 2, one line."""
+    """A teacher.eqx cut to 100 bytes, then `python train.py --resume DIR` as a user runs it: exit 2, one line."""
     out = tmp_path / "run"
     make_run(out, phases=("teacher",))
     truncate(out / "checkpoints" / "teacher.eqx")

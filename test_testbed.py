@@ -34,10 +34,10 @@ from test_mmd import SCHED, N_SAMPLES, Z, sampler_error, sampler_noise_floor
 # for Algorithm 2; d + d(d+1)/2 moments for the d + d^2 parameters of one affine map, up to a rotation
 # that leaves the output unchanged). For k > 1 the same Gaussian parameter space gives the same number
 # of moments for k times as many student parameters, so the fixed point is not unique and need not be
-# the data (README, "closed-form testbed", measured); k > 1 is checked against the algorithms' own fixed
+# the data (EXPERIMENTS.md, "The closed-form testbed", measured); k > 1 is checked against the algorithms' own fixed
 # point instead (below). The error is deterministic (exact moments), so its tolerance is not a standard
 # error: it is set from measured runs (largest error over d = 1..4, three seeds each: alternating 0.12,
-# instant 0.09, DMD2 0.10 at 2,000 updates; README), and the flipped-sign variants end far above it
+# instant 0.09, DMD2 0.10 at 2,000 updates; EXPERIMENTS.md), and the flipped-sign variants end far above it
 # (test_testbed_bites_on_flipped_sign).
 
 
@@ -151,8 +151,8 @@ def test_testbed_bites_on_flipped_sign(algorithm, monkeypatch):
 # sampler, where G is far from 0. ||G||^2 is estimated from TB_MOMENT_BATCHES independent batches of 2,048;
 # the estimate's bias (its squared standard error) is below 1e-3 of the start, so the tolerance is not a
 # sampling error but the optimisation's residual after TB_STEPS updates of batch 256. Measured ratio end / start
-# over d = 1..4, k = 2..8, two seeds each (README, "closed-form testbed"): Algorithm 3 0.001-0.04, Algorithm 2
-# 0.007-0.38 (its auxiliary model lags the student); the flipped sign ends above 1e5, and training with the
+# over d = 1..4, k = 2..8, two seeds each (EXPERIMENTS.md, "The closed-form testbed"): Algorithm 3 0.001-0.04,
+# Algorithm 2 0.007-0.38 (its auxiliary model lags the student); the flipped sign ends above 1e5, and training with the
 # marginal z_s ~ q(z_s | x~) instead of the posterior at 1.2-8.8 (d = 2, k = 4 and 8).
 
 TB_MOMENT_BATCHES, TB_MOMENT_TOL = 100, {"alternating": 0.6, "instant": 0.1}

@@ -136,7 +136,7 @@ class TransformerBlock(eqx.Module):
 
 
 class ImageDenoiser(eqx.Module):
-    """Class-conditional UViT x-predictor for images `(H, W, C)`, EDM-preconditioned (REFERENCE.md Sec. 5).
+    """Class-conditional UViT x-predictor for images `(H, W, C)`, EDM-preconditioned (`models.edm_precond`).
 
     `x_hat = c_skip z + c_out F(c_in z, emb)`, with `emb` from the log-SNR (Fourier features and an
     MLP) plus a learned class embedding. F: a 3x3 conv stem; per stage a residual conv block (its
