@@ -93,6 +93,16 @@ class DDPMEps(eqx.Module):
         return (z - alpha * gauss(self.mean, self.cov, z, alpha, sigma)) / sigma
 
 
+class UpTo(eqx.Module):
+    """A net defined up to noise level `sigma_max` only (NaN above it), as an EDM net trained up to 80 may be."""
+
+    net: eqx.Module
+    sigma_max: float = eqx.field(static=True)
+
+    def __call__(self, y, s, *label):
+        return jnp.where(s <= self.sigma_max, self.net(y, s, *label), jnp.nan)
+
+
 class Scaled(eqx.Module):
     """A net whose output is off by a relative error (1.01: 1% too large)."""
 
@@ -143,7 +153,7 @@ ADAPTERS = {
     "shifted x": lambda w: FromX(GaussianDenoiser(w.mean, w.cov, SHIFTED), SameLogSNR(SHIFTED.logsnr)),
     "shifted eps": lambda w: FromEps(Eps(GaussianDenoiser(w.mean, w.cov, SHIFTED), SHIFTED), mean=w.mean,
                                      time_fn=SameLogSNR(SHIFTED.logsnr)),
-    "shifted v": lambda w: FromV(V(w.truth), time_fn=SameLogSNR(SCHED.logsnr)),
+    "v, our schedule through SameLogSNR": lambda w: FromV(V(w.truth), time_fn=SameLogSNR(SCHED.logsnr)),
 }
 
 
@@ -215,7 +225,7 @@ NOISY = {
     "eps": lambda w, f: FromEps(Scaled(Eps(w.truth), f), mean=w.mean),
     "v": lambda w, f: FromV(Scaled(V(w.truth), f)),
     "edm": lambda w, f: FromEDM(Scaled(EDM(w.truth.mean, w.truth.cov), f)),
-    "edm, sigma_max 80": lambda w, f: FromEDM(Scaled(EDM(w.truth.mean, w.truth.cov), f), sigma_max=80.0),
+    "edm, sigma_max 80": lambda w, f: FromEDM(UpTo(Scaled(EDM(w.truth.mean, w.truth.cov), f), 80.0), sigma_max=80.0),
 }
 
 
