@@ -3,6 +3,12 @@ import os
 # 8 virtual CPU devices for the sharding tests; must be set before JAX is imported.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# JAX's persistent compilation cache, shared by every test process (pytest-xdist's workers) and the train.py
+# processes the tests start: a program compiled once loads from disk when it is met again, after the per-file
+# drop of compiled programs below or in another process. Delete .jax_cache/ at will.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(os.path.dirname(os.path.abspath(__file__)), ".jax_cache"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -90,7 +96,7 @@ if _PROFILE:
         row["wall"] = time.perf_counter() - t0
         _tests[item.nodeid] = row
 
-    def pytest_sessionfinish(session, exitstatus):
+    def pytest_sessionfinish(exitstatus):
         worker = os.environ.get("PYTEST_XDIST_WORKER", "")
         path = _PROFILE if not worker else f"{_PROFILE}.{worker}"
         with open(path, "w") as f:

@@ -457,9 +457,10 @@ def alternating_distiller(teacher, *, k: int, steps: int, schedule: Schedule = S
     """
     cfg = MMConfig(k=k, weighting=auto_weighting(k) if weighting == "auto" else weighting, zs_sampling=zs_sampling,
                    grid_shift=grid_shift, aux_steps=aux_steps)
-    n_aux = steps * aux_steps
-    opt = (mm_optimiser(lr, steps, warmup_steps(steps), b1=b1),
-           mm_optimiser(lr if aux_lr is None else aux_lr, n_aux, warmup_steps(n_aux), b1=b1))
+    opt = mm_optimiser(lr, steps, warmup_steps(steps), b1=b1)  # one optimiser for both players, as the paper
+    if aux_lr is not None or aux_steps > 1:  # the auxiliary model's own schedule, over its own number of updates
+        n_aux = steps * aux_steps
+        opt = (opt, mm_optimiser(lr if aux_lr is None else aux_lr, n_aux, warmup_steps(n_aux), b1=b1))
 
     def init():
         return init_alternating(teacher if aux_start is None else aux_start, opt, student=student)
@@ -489,7 +490,8 @@ def instant_distiller(teacher, precond, *, k: int, steps: int, schedule: Schedul
         raise ValueError(f"nu_batch_mult (B' / B) must be an integer >= 1; got {nu_batch_mult!r}")
     cfg = MMConfig(k=k, weighting=auto_weighting(k) if weighting == "auto" else weighting, zs_sampling=zs_sampling,
                    grid_shift=grid_shift, nu_decay=nu_decay)
-    check_preconditioner(precond, teacher)
+    if teacher is not None:  # (None: a state's structure only, as train.check_checkpoints builds one)
+        check_preconditioner(precond, teacher)
     opt = mm_optimiser(lr, steps, warmup_steps(steps), b1=b1)
     m = 1 + nu_batch_mult
 

@@ -120,9 +120,13 @@ def markdown(cfg, results, floor, phase_log, claim_rows, batch):
         lines.append(f"| {n} | {r['nfe']} | " + " | ".join(show(r, m) for m in metrics) + f" | {r['sample_seconds']:.3f} |")
     lines += ["", "## Training phases", "", f"Global batch {batch['global_batch']} = {batch['per_device_batch']} per device"
               f" x {batch['devices']} {batch['platform']} device(s), {batch['processes']} process(es).", "",
-              "| phase | time (s) | final losses |", "|---|---|---|"]
+              "Training: the wall time of the phase's update chunks (the first one's compilation included); compiling: all "
+              "the tracing and compilation during the phase, its set-up included.", "",
+              "| phase | training (s) | compiling (s) | final losses |", "|---|---|---|---|"]
     for n, p in phase_log.items():
-        lines.append(f"| {n} | {p['seconds']:.1f} | " + ", ".join(f"{k} {v:.4g}" for k, v in p["final"].items()) + " |")
+        compiling = f"{p['compile_seconds']:.1f}" if "compile_seconds" in p else "-"
+        lines.append(f"| {n} | {p['seconds']:.1f} | {compiling} | "
+                     + ", ".join(f"{k} {v:.4g}" for k, v in p["final"].items()) + " |")
     lines += ["", "## Claims of the papers, in this run", "", "| claim | measured | held |", "|---|---|---|"]
     for c in claim_rows:
         lines.append(f"| {c['claim']} | {c['measured']} | {'-' if c['held'] is None else 'yes' if c['held'] else 'no'} |")

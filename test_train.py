@@ -2,9 +2,8 @@
 line's bad input: test_cli.py; single phases: test_phases.py).
 
 Everything runs a tiny configuration (`TINY`, seconds of training). One uninterrupted run (`run_a`) is shared by the
-tests. The JAX persistent compilation cache is switched on for this module only (a fresh directory per pytest run):
-the resumed and the CLI runs compile the same programs as `run_a`, and loading them instead of compiling them again
-saves most of the time of this file. It changes no numbers (the cached executable is the one XLA compiled).
+tests. The resumed and the CLI runs compile the same programs as `run_a`; conftest's persistent compilation cache
+loads them instead. It changes no numbers (the cached executable is the one XLA compiled).
 """
 
 import dataclasses
@@ -36,33 +35,10 @@ TINY = dataclasses.replace(
 SAMPLERS = {"teacher_ancestral", "teacher_ddim", *train.METHODS}
 REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "losses.png", "metric_vs_nfe.png")
 METRICS = ("mmd2", "energy", "mode_precision", "mode_recall", "mode_tv", "avg_loglik")
-CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-               "jax_persistent_cache_min_entry_size_bytes")
 
 
 # ----------------------------------------------------------------------------------------------
 # Helpers and fixtures.
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compile_cache(tmp_path_factory):
-    """Persistent compilation cache for this module (and its subprocesses, via `cache_env`); restored afterwards."""
-    from jax.experimental.compilation_cache import compilation_cache as cc  # noqa: PLC0415
-
-    old = {f: getattr(jax.config, f) for f in CACHE_FLAGS}
-    path = tmp_path_factory.mktemp("jax-cache")
-    new = dict(zip(CACHE_FLAGS, (str(path), 0.0, -1)))
-    for f, v in new.items():
-        jax.config.update(f, v)
-    cc.reset_cache()  # the cache is set up once per process, on first use: let it see the new directory
-    yield new
-    for f, v in old.items():
-        jax.config.update(f, v)
-    cc.reset_cache()
-
-
-def cache_env(compile_cache):
-    return {**os.environ, **{f.upper(): str(v) for f, v in compile_cache.items()}}
 
 
 def phase_steps(cfg):
@@ -269,7 +245,7 @@ def _wait_for(cond, proc, timeout):
 
 
 @pytest.fixture(scope="module")
-def cli_run(tmp_path_factory, compile_cache):
+def cli_run(tmp_path_factory):
     """`python train.py --resume DIR` of a tiny saved config; SIGTERM at the first checkpoint; `--resume DIR` again.
 
     (The CLI's presets are too large for a test, so the run starts from a config.json written here: the same
@@ -278,7 +254,7 @@ def cli_run(tmp_path_factory, compile_cache):
     out = tmp_path_factory.mktemp("cli") / "run"
     out.mkdir()
     (out / "config.json").write_text(json.dumps(dataclasses.asdict(CLI_CFG), indent=1))
-    env, rec = cache_env(compile_cache), {"out": out}
+    env, rec = dict(os.environ), {"out": out}
     cmd = [sys.executable, str(HERE / "train.py"), "--resume", str(out)]
     log = out.parent
     with open(log / "1.out", "w") as o, open(log / "1.err", "w") as e:
@@ -370,10 +346,10 @@ def test_report_files(run_a):
 
 
 @pytest.mark.parametrize("data", ["ring8", "digits"])
-def test_smoke_preset_end_to_end(tmp_path, data, compile_cache):
+def test_smoke_preset_end_to_end(tmp_path, data):
     out = tmp_path / data
     cmd = [sys.executable, str(HERE / "train.py"), "--data", data, "--preset", "smoke", "--out", str(out)]
-    p = subprocess.run(cmd, cwd=HERE, env=cache_env(compile_cache), capture_output=True, text=True, timeout=900)
+    p = subprocess.run(cmd, cwd=HERE, capture_output=True, text=True, timeout=900)
     assert p.returncode == 0, p.stderr[-3000:]
     samples, report = load(out)
     cfg = (train.IMAGE_PRESETS if data == "digits" else train.PRESETS)["smoke"]

@@ -37,6 +37,26 @@ from mmd import Averaged, averaged, ema_update, student  # noqa: F401 - re-expor
 from sampling import sample
 
 
+# Seconds JAX spends tracing, lowering and compiling programs in this process, from its monitoring events: the
+# report gives each phase's compile time beside its training time.
+COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
+                  "/jax/core/compile/backend_compile_duration")
+_compile_seconds = [0.0]
+
+
+def _count_compile(event, seconds, **_):
+    if event in COMPILE_EVENTS:
+        _compile_seconds[0] += seconds
+
+
+jax.monitoring.register_event_duration_secs_listener(_count_compile)
+
+
+def compile_seconds() -> float:
+    """Seconds this process has spent compiling so far (differences of two readings time a block)."""
+    return _compile_seconds[0]
+
+
 def phases(cfg: Config):
     """(name, method, k, overrides) for every distillation phase, ablations last."""
     out = []
@@ -312,19 +332,23 @@ def main(cfg: Config, run: Run):
         run.write_text("config.json", config)  # (a resumed run leaves its file untouched)
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
 
+    c0 = compile_seconds()
     teacher_state, history, seconds = train_teacher(run, cfg, task, mesh, key_teacher)
     teacher, net, precond = frozen_teacher(cfg, task, teacher_state)
-    phase_log = {"teacher": {"seconds": seconds, "final": {k: float(v[-1]) for k, v in history.items()}}}
+    phase_log = {"teacher": {"seconds": seconds, "compile_seconds": compile_seconds() - c0,
+                             "final": {k: float(v[-1]) for k, v in history.items()}}}
     histories = {"teacher": history}
 
     students = {}
     for i, (name, method, k, overrides) in enumerate(phases(cfg)):
+        c0 = compile_seconds()
         model, history, seconds = distil(run, cfg, name, method, k, overrides, task, teacher, net, precond, mesh,
                                          jr.fold_in(key_distil, i))
         students[name] = (model, "marginal" if method == "dmd2" else "ancestral", k,
                           step_times(dataclasses.replace(cfg, **overrides), method, k, task))
         histories[name] = history
-        phase_log[name] = {"seconds": seconds, "final": {k_: float(v[-1]) for k_, v in history.items()}}
+        phase_log[name] = {"seconds": seconds, "compile_seconds": compile_seconds() - c0,
+                           "final": {k_: float(v[-1]) for k_, v in history.items()}}
 
     run.check()
     samplers = {f"teacher_{step}_k{k}": (teacher, step, k, step_times(cfg, "teacher", k, task))
