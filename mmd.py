@@ -56,11 +56,14 @@ class Player(eqx.Module):
 
 
 def init_player(model, optimiser) -> Player:
-    return Player(model, optimiser.init(eqx.filter(model, eqx.is_inexact_array)))
+    """`model` and the optimiser's state of its parameters (`losses.params`: `losses.Frozen` arrays are not)."""
+    return Player(model, optimiser.init(L.params(model)))
 
 
 def apply_grads(player: Player, grads, optimiser) -> Player:
-    updates, opt_state = optimiser.update(grads, player.opt_state, eqx.filter(player.model, eqx.is_inexact_array))
+    """One optimiser update of the player's parameters from `grads` (a gradient tree of its model); the optimiser
+    sees neither the gradients nor the values of `losses.Frozen` arrays, so they stay as they are, bit for bit."""
+    updates, opt_state = optimiser.update(L.params(grads), player.opt_state, L.params(player.model))
     return Player(eqx.apply_updates(player.model, updates), opt_state)
 
 
@@ -192,7 +195,8 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
 
 
 def check_preconditioner(precond, teacher):
-    want = eqx.filter(teacher, eqx.is_inexact_array)
+    """Raise unless `precond` is a tree shaped like the teacher's parameters, `losses.params(teacher)`."""
+    want = L.params(teacher)
     if jax.tree.structure(precond) != jax.tree.structure(want) or any(
         a.shape != b.shape for a, b in zip(jax.tree.leaves(precond), jax.tree.leaves(want))
     ):
@@ -222,13 +226,13 @@ def estimate_preconditioner(teacher, schedule: Schedule, xs, key, *, b2=0.99, ep
     `(n, B, *data)` at the frozen teacher (the paper: "calculated fresh by running a few training steps").
     """
     adam = optax.scale_by_adam(b1=0.0, b2=b2)
-    state = adam.init(eqx.filter(teacher, eqx.is_inexact_array))
+    state = adam.init(L.params(teacher))
 
     def body(state, inp):
         x, k = inp
         kt, kn = jr.split(k)
         t = edm_train_time(schedule, kt, (x.shape[0],))
-        grads = eqx.filter_grad(L.diffusion_loss)(teacher, schedule, x, t, jr.normal(kn, x.shape), weighting)
+        grads = L.params(eqx.filter_grad(L.diffusion_loss)(teacher, schedule, x, t, jr.normal(kn, x.shape), weighting))
         return adam.update(grads, state)[1], None
 
     state, _ = jax.lax.scan(body, state, (xs, jr.split(key, xs.shape[0])))
@@ -247,7 +251,7 @@ def data_moment(teacher, schedule: Schedule, xs, key, *, weighting="edm", labels
         g = L.teacher_loss_grad(teacher, schedule, x, z_s, s, weighting, lab)
         return jax.tree.map(jnp.add, total, g), None
 
-    zero = jax.tree.map(jnp.zeros_like, eqx.filter(teacher, eqx.is_inexact_array))
+    zero = jax.tree.map(jnp.zeros_like, L.params(teacher))
     total, _ = jax.lax.scan(body, zero, (xs, labels, jr.split(key, xs.shape[0])))
     return jax.tree.map(lambda g: g / xs.shape[0], total)
 

@@ -137,13 +137,12 @@ def ema_update(ema, model, decay, n):
     With `e_n = d e_{n-1} + (1 - d) p_n`, `e_0 = 0`, this returns `e_n / (1 - d^n)`, the average of p_1..p_n
     with weights proportional to `d^(n - i)` (no pull towards the initial weights), from the previous average:
     `avg_n = b avg_{n-1} + (1 - b) p_n`, `b = d (1 - d^(n-1)) / (1 - d^n)` (b = 0 at n = 1). `0 < decay < 1`.
-    Only floating-point arrays are averaged; everything else is taken from `model`.
+    Only parameters (`losses.params`) are averaged; everything else is taken from `model`.
     """
     log_d = jnp.log(jnp.asarray(decay, jnp.float32))
     b = jnp.exp(log_d) * jnp.expm1((n - 1) * log_d) / jnp.expm1(n * log_d)
-    avg = jax.tree.map(lambda e, p: b * e + (1 - b) * p, eqx.filter(ema, eqx.is_inexact_array),
-                       eqx.filter(model, eqx.is_inexact_array))
-    return eqx.combine(avg, eqx.filter(model, eqx.is_inexact_array, inverse=True))
+    avg = jax.tree.map(lambda e, p: b * e + (1 - b) * p, L.params(ema), L.params(model))
+    return eqx.combine(avg, L.partition(model)[1])
 
 
 class Averaged(eqx.Module):
@@ -271,7 +270,7 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
         else:
             mcfg = dataclasses.replace(mcfg, nu_decay=c.nu_decay)
             if precond is None:  # check_checkpoints: the state's structure only
-                precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+                precond = jax.tree.map(jnp.ones_like, L.params(net))
             teacher, precond = instant_space(cfg, task, teacher, net, precond)
             data_grad = data_moment(cfg, task, teacher, weighting) if c.instant_eq10 and teacher is not None else None
             opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10), b1=c.mm_b1)
@@ -313,11 +312,12 @@ def auxiliary_start(cfg: Config, task: tasks.Task, net):
 
 def instant_space(cfg: Config, task: tasks.Task, teacher, net, precond):
     """The teacher and preconditioner Algorithm 3 works with. Trained teacher: itself. Exact teacher: the
-    closed form's values with the parameter space of the network regressed onto it (`losses.StraightThrough`)."""
+    closed form's values with the parameter space of the network regressed onto it (`losses.StraightThrough`),
+    whose preconditioner is the network's."""
     if cfg.teacher != "exact":
         return teacher, precond
-    zeros = jax.tree.map(jnp.zeros_like, eqx.filter(task.exact, eqx.is_inexact_array))
-    return L.StraightThrough(net, task.exact), L.StraightThrough(precond, zeros)
+    teacher = L.StraightThrough(net, task.exact)
+    return teacher, eqx.tree_at(lambda p: p.model, L.params(teacher), precond)
 
 
 def data_moment(cfg: Config, task: tasks.Task, teacher, weighting):
