@@ -26,8 +26,8 @@ def dmd2_optimiser(lr=2e-6, warmup=500, clip=10.0, weight_decay=0.01, decay_step
     `decay_steps`: None keeps the learning rate constant after the warm-up (official); an int decays it along
     a cosine to 0 at that update (our choice for the generator of short toy runs: see EXPERIMENTS.md's DMD2 tables).
     """
-    if decay_steps is None:
-        sched = optax.warmup_constant_schedule(0.0, lr, warmup)
+    if decay_steps is None:  # (optax's warm-up of 0 steps would hold the rate at 0 for good)
+        sched = optax.warmup_constant_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
     else:
         sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(decay_steps, warmup + 1))
     return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=0.999, weight_decay=weight_decay))

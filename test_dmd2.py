@@ -148,7 +148,8 @@ def test_sampler_runs_on_the_given_step_times():
 
 def test_dmd2_step_takes_one_optimiser_per_player():
     """`optimiser=(generator's, critic's)`: a zero learning rate for the generator leaves it unchanged while the
-    critic trains, and the reverse; `dmd2.dmd2_optimiser(decay_steps=n)` reaches learning rate 0 at update n."""
+    critic trains, and the reverse; `dmd2.dmd2_optimiser(decay_steps=n)` reaches learning rate 0 at update n, and
+    with `warmup=0` its first update is at the full rate."""
     net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
     cfg, x = dmd2.DMD2Config(k=2, ttur=1), _data(jr.key(2), 32)[None]
     for frozen in ("generator", "critic"):
@@ -165,6 +166,10 @@ def test_dmd2_step_takes_one_optimiser_per_player():
         for _ in range(6):  # updates 0..5; the last one runs at schedule count 5
             upd, state = opt.update(jnp.ones(3), state, params)
         assert bool(jnp.all(upd == 0)) == stopped, (decay_steps, upd)
+    for decay_steps in (None, 5):  # no warm-up: the full rate from the first update
+        opt, params = dmd2.dmd2_optimiser(1e-2, warmup=0, decay_steps=decay_steps), jnp.ones(3)
+        upd = opt.update(jnp.ones(3), opt.init(params), params)[0]
+        np.testing.assert_allclose(upd, -1e-2 * (1.0 + 0.01), rtol=1e-3)  # Adam's first step, weight decay 0.01
 
 
 def test_dmd2_official_times_match_the_official_log_snr():
