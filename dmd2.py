@@ -28,8 +28,8 @@ def dmd2_optimiser(lr=2e-6, warmup=500, clip=10.0, weight_decay=0.01, decay_step
     `decay_steps`: None keeps the learning rate constant after the warm-up (official); an int decays it along
     a cosine to 0 at that update (our choice for the generator of short toy runs: see EXPERIMENTS.md's DMD2 tables).
     """
-    if decay_steps is None:
-        sched = optax.warmup_constant_schedule(0.0, lr, warmup)
+    if decay_steps is None:  # (optax's warm-up of 0 steps would hold the rate at 0 for good)
+        sched = optax.warmup_constant_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
     else:
         sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(decay_steps, warmup + 1))
     return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=0.999, weight_decay=weight_decay))
@@ -42,7 +42,7 @@ class Critic(eqx.Module):
 
 class DMD2State(eqx.Module):
     generator: Player
-    critic: Player  # Player(Critic(...))
+    critic: Player  # Player(Critic(...)); a per-step critic: k copies of it, weights and optimiser state, stacked
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,14 +88,14 @@ def init_dmd2(teacher, head_key, optimiser, cfg: DMD2Config, feat_dim=None, stud
     gen_opt, critic_opt = per_player(optimiser)
     head = DiscriminatorHead(feat_dim, key=head_key) if cfg.gan else None
     gen = teacher if student is None else student
-    critic = Critic(teacher, head)
-    if cfg.per_step_critic and cfg.k > 1:
+    critic = init_player(Critic(teacher, head), critic_opt)
+    if cfg.per_step_critic and cfg.k > 1:  # k critics, each with its own weights and optimiser state
         critic = stack_copies(critic, cfg.k)
-    return DMD2State(init_player(gen, gen_opt), init_player(critic, critic_opt))
+    return DMD2State(init_player(gen, gen_opt), critic)
 
 
 def stack_copies(tree, k):
-    """`k` copies of `tree`'s arrays stacked on a new leading axis (a per-step critic)."""
+    """`k` copies of `tree`'s arrays stacked on a new leading axis (a per-step critic and its optimiser state)."""
     arrays, static = eqx.partition(tree, eqx.is_array)
     return eqx.combine(jax.tree.map(lambda a: jnp.stack([a] * k), arrays), static)
 
@@ -106,13 +106,18 @@ def select_copy(tree, j):
     return eqx.combine(jax.tree.map(lambda a: a[j], arrays), static)
 
 
-def step_critic(critic: Critic, key, cfg: DMD2Config):
-    """`(j, critic)`: with `cfg.per_step_critic`, one generator step j ~ U{0..k-1} for the whole batch and its
-    own critic; otherwise `(None, critic)` (j drawn per example, one critic for the mixture of all steps)."""
+def put_copy(tree, j, copy):
+    """`tree` (a `stack_copies` tree) with its copy `j` (a traced int) replaced by `copy`; the others untouched."""
+    arrays, static = eqx.partition(tree, eqx.is_array)
+    return eqx.combine(jax.tree.map(lambda a, c: a.at[j].set(c), arrays, eqx.filter(copy, eqx.is_array)), static)
+
+
+def drawn_step(key, cfg: DMD2Config):
+    """With `cfg.per_step_critic` (k > 1): the one generator step j ~ U{0..k-1} of a whole batch, which its own
+    critic (copy j) sees; otherwise None (j drawn per example, one critic for the mixture of all steps)."""
     if not (cfg.per_step_critic and cfg.k > 1):
-        return None, critic
-    j = jr.randint(jr.fold_in(key, 1), (), 0, cfg.k)
-    return j, select_copy(critic, j)
+        return None
+    return jr.randint(key, (), 0, cfg.k)
 
 
 def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None, j=None):
@@ -140,10 +145,10 @@ def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config,
     return sg(z), t_j
 
 
-def critic_loss(critic: Critic, generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None):
-    """Fake-score diffusion loss on stop-gradient generator samples (+ weighted discriminator loss)."""
+def critic_loss(critic: Critic, generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None, j=None):
+    """Fake-score diffusion loss on stop-gradient generator samples (+ weighted discriminator loss); `j`: the
+    generator step whose samples `critic` (copy j of a per-step critic) sees (`drawn_step`)."""
     k_in, k_t, k_n, k_g = jr.split(key, 4)
-    j, critic = step_critic(critic, k_in, cfg)
     z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label, j)
     x_fake = sg(L.apply(generator, z, t_j, label))
     t = karras_grid_time(schedule, k_t, (x_real.shape[0],))
@@ -156,10 +161,11 @@ def critic_loss(critic: Critic, generator, schedule: Schedule, x_real, key, cfg:
     return fake_loss + cfg.gan_disc_weight * disc, (fake_loss, disc)
 
 
-def dmd2_generator_loss(generator, critic: Critic, real, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None):
-    """Distribution matching (+ weighted non-saturating GAN) loss of the generator."""
+def dmd2_generator_loss(generator, critic: Critic, real, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None,
+                        j=None):
+    """Distribution matching (+ weighted non-saturating GAN) loss of the generator; `j`: the generator step trained,
+    whose critic (copy j of a per-step critic) is `critic` (`drawn_step`)."""
     k_in, k_t, k_n, k_g = jr.split(key, 4)
-    j, critic = step_critic(critic, k_in, cfg)
     z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label, j)
     x = L.apply(generator, z, t_j, label)
     b = x.shape[0]
@@ -175,10 +181,13 @@ def dmd2_generator_loss(generator, critic: Critic, real, schedule: Schedule, x_r
 def dmd2_step(state: DMD2State, real, x_real, key, *, cfg: DMD2Config, optimiser, schedule: Schedule, label=None):
     """`cfg.ttur` critic updates (fake score + discriminator) then one generator update.
 
-    `optimiser`: one for both players or a pair `(generator's, critic's)`. `real` is the teacher (optionally a `losses.GuidedTeacher`); `x_real` is `(ttur, B, *data)`, one
-    real batch per critic update (the generator's GAN term needs none; without backward simulation
-    it noises `x_real[0]`), `label` None or `(ttur, B)`: the class of each real example, which the
-    generator is also asked for. Returns `(state, {"fake_loss", "disc_loss", "dm_loss", "gan_loss"})`.
+    `optimiser`: one for both players or a pair `(generator's, critic's)`. `real` is the teacher (optionally a
+    `losses.GuidedTeacher`); `x_real` is `(ttur, B, *data)`, one real batch per critic update (the generator's GAN
+    term needs none; without backward simulation it noises `x_real[0]`), `label` None or `(ttur, B)`: the class of
+    each real example, which the generator is also asked for. A per-step critic (`cfg.per_step_critic`): every
+    update, of the critic or the generator, draws one step j; a critic update moves copy j alone, weights and
+    optimiser state (the other copies do not move at all), and the generator's update of step j reads copy j.
+    Returns `(state, {"fake_loss", "disc_loss", "dm_loss", "gan_loss"})`.
     """
     if x_real.ndim < 2 or x_real.shape[0] != cfg.ttur:
         raise ValueError(f"x_real must be (ttur, B, *data), one real batch per critic update (ttur = {cfg.ttur}); "
@@ -189,14 +198,19 @@ def dmd2_step(state: DMD2State, real, x_real, key, *, cfg: DMD2Config, optimiser
 
     def critic_update(critic: Player, inp):
         x, lab, k = inp
+        j = drawn_step(jr.fold_in(k, 1), cfg)
+        one = critic if j is None else select_copy(critic, j)  # a per-step critic: copy j and its optimiser state
         (_, (fake_loss, disc)), grads = eqx.filter_value_and_grad(critic_loss, has_aux=True)(
-            critic.model, gen.model, schedule, x, k, cfg, lab
+            one.model, gen.model, schedule, x, k, cfg, lab, j
         )
-        return apply_grads(critic, grads, critic_opt), (fake_loss, disc)
+        one = apply_grads(one, grads, critic_opt)
+        return (one if j is None else put_copy(critic, j, one)), (fake_loss, disc)
 
     critic, (fake_losses, discs) = scan_steps(critic_update, state.critic, (x_real, label, jr.split(k_c, cfg.ttur)))
+    j = drawn_step(jr.fold_in(k_g, 1), cfg)
     (_, (dm, gan)), grads = eqx.filter_value_and_grad(dmd2_generator_loss, has_aux=True)(
-        gen.model, critic.model, real, schedule, x_real[0], k_g, cfg, None if label is None else label[0]
+        gen.model, critic.model if j is None else select_copy(critic.model, j), real, schedule, x_real[0], k_g, cfg,
+        None if label is None else label[0], j
     )
     gen = apply_grads(gen, grads, gen_opt)
     metrics = {"fake_loss": fake_losses[-1], "disc_loss": discs[-1], "dm_loss": dm, "gan_loss": gan}

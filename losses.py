@@ -12,7 +12,7 @@ Conventions:
 - `sg` is `jax.lax.stop_gradient`. Gradients reach only what the docstring says they reach.
 """
 
-from typing import NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import einops
 import equinox as eqx
@@ -25,6 +25,56 @@ from sampling import Schedule, bcast, diffuse, dmd_weight, edm_time, edm_weight,
 sg = jax.lax.stop_gradient
 WEIGHTINGS = ("edm", "flat", "dmd")
 ZS_SAMPLING = ("posterior", "marginal")
+
+
+# ----------------------------------------------------------------------------------------------
+# What a parameter is.
+
+
+class Frozen(eqx.Module):
+    """Arrays that belong to a model but are not its parameters: no optimiser, weight decay, gradient, Jacobian
+    or preconditioner ever touches them.
+
+    Wrap any part of a model that must stay as it is: a whole submodule (`Frozen(net)`, called like `net`) or a
+    buffer of your own teacher, e.g. fixed Fourier frequencies (`self.freqs = Frozen(freqs)` in `__init__`, read
+    as `self.freqs.get()`). `params(model)` leaves a `Frozen` out, and everything that takes parameters goes
+    through it: `mmd.init_player` and `mmd.apply_grads` hand only `params` to the optimiser (so AdamW's weight
+    decay cannot shrink a frozen array), and Algorithm 3's moments, preconditioner and data term are trees shaped
+    like `params(teacher)`. Values read through `get` or `__call__` are under stop-gradient. Without the wrapper,
+    every floating-point array of a model is a parameter.
+    """
+
+    tree: Any  # a module, an array or any pytree
+
+    def get(self):
+        """The wrapped tree, its arrays under stop-gradient."""
+        arrays, rest = eqx.partition(self.tree, eqx.is_inexact_array)
+        return eqx.combine(sg(arrays), rest)
+
+    def __call__(self, *args, **kwargs):
+        return self.get()(*args, **kwargs)
+
+
+def frozen(tree):
+    """`tree` wrapped in `Frozen` (a `Frozen` is returned as it is)."""
+    return tree if isinstance(tree, Frozen) else Frozen(tree)
+
+
+def partition(model):
+    """`(params(model), the rest)`; `eqx.combine` of the two is `model` again."""
+    return eqx.partition(model, eqx.is_inexact_array, is_leaf=lambda x: isinstance(x, Frozen))
+
+
+def params(model):
+    """The parameters of `model`: its floating-point arrays outside every `Frozen`, None in place of the rest.
+
+    Also filters a gradient tree of `model` (`eqx.filter_grad`) down to the parameters' gradients.
+    """
+    return partition(model)[0]
+
+
+# ----------------------------------------------------------------------------------------------
+# Batched calls and reductions.
 
 
 def apply(model, z, t, label=None):
@@ -104,12 +154,12 @@ class StraightThrough(eqx.Module):
     Algorithm 3 with the exact teacher (`--teacher exact`): the moments are taken in the parameter space
     of the network regressed onto the closed form, while the residual `x~ - g(z_s)` uses the exact
     denoiser. The closed form's own parameters (a mixture's weights, means, covariances) give only a few
-    dozen moments, too few to pin down a generator, and the students diverged with them. Give `value`'s
-    leaves a zero preconditioner so nu never moves them.
+    dozen moments, too few to pin down a generator, and the students diverged with them. So `value` is
+    `Frozen`: the parameters, the preconditioner and nu are `model`'s alone.
     """
 
     model: eqx.Module
-    value: eqx.Module
+    value: Frozen = eqx.field(converter=frozen)
 
     def __call__(self, z, t, label=None):
         plain = self.model(z, t) if label is None else self.model(z, t, label)
@@ -124,13 +174,14 @@ class Rebased(eqx.Module):
     With the exact teacher (`--teacher exact`), Algorithm 2's auxiliary model and DMD2's fake score must
     start *as the teacher* (Algorithm 2, Require; DMD2 initialises its fake score from the real one), so that
     the generator's first gradient, `g_phi - g_theta`, is zero. Started as the network regressed onto the
-    closed form, they would start with that regression's error in them. `anchor` is a frozen copy of the
-    starting network; its leaves (and `base`'s) get zero gradients. The GAN head reads `model`'s features.
+    closed form, they would start with that regression's error in them. `anchor` is a copy of the starting
+    network; it and `base` are `Frozen`, so no optimiser (nor weight decay) moves them, and the invariant holds
+    for good. The GAN head reads `model`'s features.
     """
 
     model: eqx.Module
-    base: eqx.Module
-    anchor: eqx.Module
+    base: Frozen = eqx.field(converter=frozen)
+    anchor: Frozen = eqx.field(converter=frozen)
 
     def __call__(self, z, t, label=None):
         call = lambda m: m(z, t) if label is None else m(z, t, label)
@@ -266,14 +317,14 @@ def teacher_loss_grad(teacher, schedule: Schedule, x, z_s, s, weighting="edm", l
     """`grad_theta L_theta(x, z_s)`, `L_theta = w(s) ||x - g_theta(z_s)||^2` (Sec. 3.2), `x` and `z_s` held fixed.
 
     Differentiable in `x` (Eq. 9 needs that; Algorithm 3 passes `sg(x~')`). Returns a tree shaped
-    like `eqx.filter(teacher, eqx.is_inexact_array)`.
+    like `params(teacher)`.
     """
 
     def loss(model):
         pred = apply(model, z_s, s, label)
         return jnp.mean(loss_weight(weighting, schedule, s, sg(x), sg(pred)) * sqnorm(x - pred))
 
-    return eqx.filter_grad(loss)(teacher)
+    return params(eqx.filter_grad(loss)(teacher))
 
 
 def instant_nu(generator, teacher, precond, schedule: Schedule, batch_prime: Noised, weighting="edm",
@@ -295,7 +346,7 @@ def instant_loss(generator, teacher, precond, schedule: Schedule, batch: Noised,
     """Eq. 8 / Algorithm 3: `-w(s) x~^T sg{J_theta g_theta(z_s) nu}`, `nu = Lambda grad_theta L_theta(x~', z_s')`.
 
     **Arguments:**
-    - `precond`: Lambda, a tree like `eqx.filter(teacher, eqx.is_inexact_array)` (see `mmd.estimate_preconditioner`).
+    - `precond`: Lambda, a tree like `params(teacher)` (see `mmd.estimate_preconditioner`).
     - `batch`, `batch_prime`: two independent minibatches (B on which eta is trained, B' for nu).
     - `sign`: -1 is correct. One preconditioned step `phi = theta - lambda Lambda grad L` moves
       `g_phi - g_theta` by `-lambda J nu`, so `(1/lambda) L_{phi(lambda)}(eta) -> -w x~^T J nu` (Eq. 7-8);
@@ -310,8 +361,8 @@ def instant_loss(generator, teacher, precond, schedule: Schedule, batch: Noised,
         nu = instant_nu(generator, teacher, precond, schedule, batch_prime, weighting, zs_sampling, data_grad)
 
     x, z_s = generate(generator, schedule, batch, zs_sampling)
-    params, static = eqx.partition(teacher, eqx.is_inexact_array)
-    teacher_pred, j_nu = jax.jvp(lambda p: apply(eqx.combine(p, static), z_s, batch.s, batch.label), (params,), (nu,))
+    theta, rest = partition(teacher)
+    teacher_pred, j_nu = jax.jvp(lambda p: apply(eqx.combine(p, rest), z_s, batch.s, batch.label), (theta,), (nu,))
     teacher_pred, j_nu = sg(teacher_pred), sg(j_nu)
     w = loss_weight(weighting, schedule, batch.s, sg(x), teacher_pred)
     surrogate = sign * jnp.mean(w * inner(x, j_nu))

@@ -63,11 +63,14 @@ class Player(eqx.Module):
 
 
 def init_player(model, optimiser) -> Player:
-    return Player(model, optimiser.init(eqx.filter(model, eqx.is_inexact_array)))
+    """`model` and the optimiser's state of its parameters (`losses.params`: `losses.Frozen` arrays are not)."""
+    return Player(model, optimiser.init(L.params(model)))
 
 
 def apply_grads(player: Player, grads, optimiser) -> Player:
-    updates, opt_state = optimiser.update(grads, player.opt_state, eqx.filter(player.model, eqx.is_inexact_array))
+    """One optimiser update of the player's parameters from `grads` (a gradient tree of its model); the optimiser
+    sees neither the gradients nor the values of `losses.Frozen` arrays, so they stay as they are, bit for bit."""
+    updates, opt_state = optimiser.update(L.params(grads), player.opt_state, L.params(player.model))
     return Player(eqx.apply_updates(player.model, updates), opt_state)
 
 
@@ -200,7 +203,8 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
 
 
 def check_preconditioner(precond, teacher):
-    want = eqx.filter(teacher, eqx.is_inexact_array)
+    """Raise unless `precond` is a tree shaped like the teacher's parameters, `losses.params(teacher)`."""
+    want = L.params(teacher)
     if jax.tree.structure(precond) != jax.tree.structure(want) or any(
         a.shape != b.shape for a, b in zip(jax.tree.leaves(precond), jax.tree.leaves(want))
     ):
@@ -233,13 +237,13 @@ def estimate_preconditioner(teacher, schedule: Schedule, xs, key, *, b2=0.99, ep
     `(n, B, *data)` at the frozen teacher (the paper: "calculated fresh by running a few training steps").
     """
     adam = optax.scale_by_adam(b1=0.0, b2=b2)
-    state = adam.init(eqx.filter(teacher, eqx.is_inexact_array))
+    state = adam.init(L.params(teacher))
 
     def body(state, inp):
         x, k = inp
         kt, kn = jr.split(k)
         t = edm_train_time(schedule, kt, (x.shape[0],))
-        grads = eqx.filter_grad(L.diffusion_loss)(teacher, schedule, x, t, jr.normal(kn, x.shape), weighting)
+        grads = L.params(eqx.filter_grad(L.diffusion_loss)(teacher, schedule, x, t, jr.normal(kn, x.shape), weighting))
         return adam.update(grads, state)[1], None
 
     state, _ = jax.lax.scan(body, state, (xs, jr.split(key, xs.shape[0])))
@@ -258,7 +262,7 @@ def data_moment(teacher, schedule: Schedule, xs, key, *, weighting="edm", labels
         g = L.teacher_loss_grad(teacher, schedule, x, z_s, s, weighting, lab)
         return jax.tree.map(jnp.add, total, g), None
 
-    zero = jax.tree.map(jnp.zeros_like, eqx.filter(teacher, eqx.is_inexact_array))
+    zero = jax.tree.map(jnp.zeros_like, L.params(teacher))
     total, _ = jax.lax.scan(body, zero, (xs, labels, jr.split(key, xs.shape[0])))
     return jax.tree.map(lambda g: g / xs.shape[0], total)
 
@@ -327,13 +331,12 @@ def ema_update(ema, model, decay, n):
     With `e_n = d e_{n-1} + (1 - d) p_n`, `e_0 = 0`, this returns `e_n / (1 - d^n)`, the average of p_1..p_n
     with weights proportional to `d^(n - i)` (no pull towards the initial weights), from the previous average:
     `avg_n = b avg_{n-1} + (1 - b) p_n`, `b = d (1 - d^(n-1)) / (1 - d^n)` (b = 0 at n = 1). `0 < decay < 1`.
-    Only floating-point arrays are averaged; everything else is taken from `model`.
+    Only parameters (`losses.params`) are averaged; everything else is taken from `model`.
     """
     log_d = jnp.log(jnp.asarray(decay, jnp.float32))
     b = jnp.exp(log_d) * jnp.expm1((n - 1) * log_d) / jnp.expm1(n * log_d)
-    avg = jax.tree.map(lambda e, p: b * e + (1 - b) * p, eqx.filter(ema, eqx.is_inexact_array),
-                       eqx.filter(model, eqx.is_inexact_array))
-    return eqx.combine(avg, eqx.filter(model, eqx.is_inexact_array, inverse=True))
+    avg = jax.tree.map(lambda e, p: b * e + (1 - b) * p, L.params(ema), L.params(model))
+    return eqx.combine(avg, L.partition(model)[1])
 
 
 class Averaged(eqx.Module):

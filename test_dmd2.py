@@ -79,17 +79,33 @@ def test_dmd_gradient_is_zero_when_fake_equals_real():
 # The per-step critic, backward simulation's step times, the optimisers, the official grid.
 
 
-def test_per_step_critic_trains_only_the_drawn_copy():
-    """With `per_step_critic`, each critic update changes exactly one of the k critic copies (plain SGD)."""
-    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
-    cfg, opt = dmd2.DMD2Config(k=3, ttur=1, gan=True, per_step_critic=True), optax.sgd(1e-2)
-    state = dmd2.init_dmd2(net, jr.key(1), opt, cfg, 16)
-    new, _ = dmd2.dmd2_step(state, net, _data(jr.key(2), 32)[None], jr.key(3), cfg=cfg, optimiser=opt, schedule=SCHED)
-    before, after = (eqx.filter(s.critic.model, eqx.is_array) for s in (state, new))
-    changed = [any(bool(jnp.any(a[i] != b[i])) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
-               for i in range(cfg.k)]
-    assert sum(changed) == 1, changed
+def _copies_moved(before, after, k):
+    """Per copy of a `stack_copies` tree: whether any of its arrays differs between `before` and `after`."""
+    a, b = (jax.tree.leaves(eqx.filter(t, eqx.is_array)) for t in (before, after))
+    return [any(bool(jnp.any(u[i] != v[i])) for u, v in zip(a, b)) for i in range(k)]
 
+
+def test_per_step_critic_trains_only_the_drawn_copy():
+    """With `per_step_critic`, under DMD2's AdamW (momentum, weight decay), a critic update moves only the copy it
+    draws, weights and optimiser state: after 2 updates of 3 copies, 1 or 2 copies moved, the others are bit for bit
+    as they were, weights and state, and each copy's Adam count is the number of updates it got. (One optimiser state
+    shared by the copies moved all 3.)"""
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    cfg, opt = dmd2.DMD2Config(k=3, ttur=2, gan=True, per_step_critic=True), dmd2.dmd2_optimiser(1e-2, warmup=0)
+    state = dmd2.init_dmd2(net, jr.key(1), opt, cfg, 16)
+    x = jnp.stack([_data(jr.key(2), 32)] * cfg.ttur)
+    new, _ = dmd2.dmd2_step(state, net, x, jr.key(3), cfg=cfg, optimiser=opt, schedule=SCHED)
+    moved = _copies_moved(state.critic.model, new.critic.model, cfg.k)
+    assert 1 <= sum(moved) <= cfg.ttur, moved
+    assert _copies_moved(state.critic.opt_state, new.critic.opt_state, cfg.k) == moved
+    counts = np.asarray(_adam_count(new.critic.opt_state))
+    assert counts.sum() == cfg.ttur and list(counts > 0) == moved, counts
+
+
+def _adam_count(opt_state):
+    """The `count` of the (one) Adam state in an optax state."""
+    is_adam = lambda s: isinstance(s, optax.ScaleByAdamState)
+    return [s.count for s in jax.tree.leaves(opt_state, is_leaf=is_adam) if is_adam(s)][0]
 
 
 N_GI, TIMES4 = 20_000, (1.0, 0.9, 0.7, 0.45)
@@ -148,7 +164,8 @@ def test_sampler_runs_on_the_given_step_times():
 
 def test_dmd2_step_takes_one_optimiser_per_player():
     """`optimiser=(generator's, critic's)`: a zero learning rate for the generator leaves it unchanged while the
-    critic trains, and the reverse; `dmd2.dmd2_optimiser(decay_steps=n)` reaches learning rate 0 at update n."""
+    critic trains, and the reverse; `dmd2.dmd2_optimiser(decay_steps=n)` reaches learning rate 0 at update n, and
+    with `warmup=0` its first update is at the full rate."""
     net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
     cfg, x = dmd2.DMD2Config(k=2, ttur=1), _data(jr.key(2), 32)[None]
     for frozen in ("generator", "critic"):
@@ -165,6 +182,10 @@ def test_dmd2_step_takes_one_optimiser_per_player():
         for _ in range(6):  # updates 0..5; the last one runs at schedule count 5
             upd, state = opt.update(jnp.ones(3), state, params)
         assert bool(jnp.all(upd == 0)) == stopped, (decay_steps, upd)
+    for decay_steps in (None, 5):  # no warm-up: the full rate from the first update
+        opt, params = dmd2.dmd2_optimiser(1e-2, warmup=0, decay_steps=decay_steps), jnp.ones(3)
+        upd = opt.update(jnp.ones(3), opt.init(params), params)[0]
+        np.testing.assert_allclose(upd, -1e-2 * (1.0 + 0.01), rtol=1e-3)  # Adam's first step, weight decay 0.01
 
 
 def test_dmd2_official_times_match_the_official_log_snr():

@@ -346,6 +346,69 @@ def test_every_loss_and_step_is_finite_on_edge_times(shape):
 
 
 # ----------------------------------------------------------------------------------------------
+# What a parameter is: `Frozen` arrays are not, under any optimiser.
+
+
+def _rebased():
+    """`Rebased(net, exact, net)`, as `--teacher exact` builds Algorithm 2's auxiliary model and DMD2's fake score."""
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    return L.Rebased(net, GaussianDenoiser(jnp.array([0.5, -0.3]), 0.8 * jnp.eye(2)), net)
+
+
+@pytest.mark.parametrize("optimiser", ["dmd2", "mm"])
+def test_frozen_arrays_stay_bitwise_under_the_real_optimisers(optimiser):
+    """200 updates of DMD2's AdamW (weight decay 0.01) or App. B's Adam leave `Rebased`'s frozen `base` (the closed
+    form) and `anchor` bit for bit as they were, while its network trains; the optimiser state holds the network's
+    parameters only. (AdamW's weight decay shrank both when every array was handed to the optimiser.)"""
+    aux, n = _rebased(), 200
+    opt = dmd2.dmd2_optimiser(1e-2, warmup=10) if optimiser == "dmd2" else mmd.mm_optimiser(1e-2, n, 10)
+    x = jr.normal(jr.key(1), (64, 2))
+
+    def step(player, key):
+        kt, kn = jr.split(key)
+        t = jr.uniform(kt, (64,), minval=0.05, maxval=0.95)
+        grads = eqx.filter_grad(L.diffusion_loss)(player.model, SCHED, x, t, jr.normal(kn, x.shape), "flat")
+        return mmd.apply_grads(player, grads, opt), None
+
+    player = mmd.init_player(aux, opt)
+    new = eqx.filter_jit(lambda p, keys: mmd.scan_steps(step, p, keys))(player, jr.split(jr.key(2), n))[0].model
+    for part in ("base", "anchor"):
+        for a, b in zip(jax.tree.leaves(getattr(aux, part)), jax.tree.leaves(getattr(new, part))):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=part)
+    assert float(jnp.max(jnp.abs(tree_vec(new.model) - tree_vec(aux.model)))) > 1e-3  # the network did train
+    assert len(jax.tree.leaves(player.opt_state)) == len(jax.tree.leaves(opt.init(eqx.filter(aux.model, eqx.is_array))))
+
+
+def test_frozen_is_not_a_parameter():
+    """`params` leaves every `Frozen` out (`Rebased`'s base and anchor, `StraightThrough`'s value, which wrap
+    themselves); a call through `Frozen` gives the wrapped values with zero gradient; Algorithm 3's teacher gradient
+    and its preconditioner are trees of the network's parameters (`check_preconditioner` refuses one of all arrays)."""
+    aux = _rebased()
+    net, exact = aux.model, aux.base.tree
+    assert isinstance(aux.anchor, L.Frozen) and L.frozen(aux.anchor) is aux.anchor
+    theta = L.params(aux)
+    assert theta.base is None and theta.anchor is None
+    assert jax.tree.structure(theta.model) == jax.tree.structure(eqx.filter(net, eqx.is_inexact_array))
+    z, t = jr.normal(jr.key(1), (8, 2)), jnp.full(8, 0.5)
+
+    @eqx.filter_jit
+    def through_frozen(net):
+        value, grad = eqx.filter_value_and_grad(lambda f: jnp.sum(L.apply(f, z, t)))(L.Frozen(net))
+        return value, jnp.sum(L.apply(net, z, t)), tree_vec(grad)
+
+    value, plain, grad = through_frozen(net)
+    assert value == plain and float(jnp.max(jnp.abs(grad))) == 0.0
+    st_teacher = L.StraightThrough(net, exact)
+    assert isinstance(st_teacher.value, L.Frozen) and L.params(st_teacher).value is None
+    grad = eqx.filter_eval_shape(L.teacher_loss_grad, st_teacher, SCHED, z, z, t)
+    assert jax.tree.structure(grad) == jax.tree.structure(L.params(st_teacher))
+    precond = eqx.tree_at(lambda p: p.model, L.params(st_teacher), jax.tree.map(jnp.ones_like, L.params(net)))
+    mmd.check_preconditioner(precond, st_teacher)
+    with pytest.raises(ValueError, match="preconditioner tree does not match"):
+        mmd.check_preconditioner(jax.tree.map(jnp.ones_like, eqx.filter(st_teacher, eqx.is_inexact_array)), st_teacher)
+
+
+# ----------------------------------------------------------------------------------------------
 # Bad input.
 
 

@@ -224,7 +224,7 @@ def instant_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.
     weighting = c.weighting if c.instant_weighting == "same" else c.instant_weighting
     weighting = mmd.auto_weighting(k) if weighting == "auto" else weighting
     if precond is None:  # check_checkpoints: the state's structure only
-        precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+        precond = jax.tree.map(jnp.ones_like, L.params(net))
     teacher, precond = instant_space(c, task, teacher, net, precond)
     data_grad = data_moment(c, task, teacher, weighting) if c.instant_eq10 and teacher is not None else None
     return mmd.instant_distiller(
@@ -279,11 +279,12 @@ def auxiliary_start(cfg: Config, task: tasks.Task, net):
 
 def instant_space(cfg: Config, task: tasks.Task, teacher, net, precond):
     """The teacher and preconditioner Algorithm 3 works with. Trained teacher: itself. Exact teacher: the
-    closed form's values with the parameter space of the network regressed onto it (`losses.StraightThrough`)."""
+    closed form's values with the parameter space of the network regressed onto it (`losses.StraightThrough`),
+    whose preconditioner is the network's."""
     if cfg.teacher != "exact":
         return teacher, precond
-    zeros = jax.tree.map(jnp.zeros_like, eqx.filter(task.exact, eqx.is_inexact_array))
-    return L.StraightThrough(net, task.exact), L.StraightThrough(precond, zeros)
+    teacher = L.StraightThrough(net, task.exact)
+    return teacher, eqx.tree_at(lambda p: p.model, L.params(teacher), precond)
 
 
 def data_moment(cfg: Config, task: tasks.Task, teacher, weighting):
