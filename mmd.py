@@ -184,11 +184,8 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
         )
         return apply_grads(aux, grads, aux_opt), loss
 
-    if cfg.aux_steps == 1:  # one update from k_aux itself, as before aux_steps existed (the same numbers)
-        aux, aux_loss = aux_update(aux, k_aux)
-    else:
-        aux, aux_losses = scan_steps(aux_update, aux, jr.split(k_aux, cfg.aux_steps))
-        aux_loss = aux_losses[-1]
+    aux, aux_losses = scan_steps(aux_update, aux, jr.split(k_aux, cfg.aux_steps))
+    aux_loss = aux_losses[-1]
 
     batch = L.noised_batch(schedule, x, k_gen, cfg.k, label, cfg.time_grid, cfg.grid_shift)
     gen_loss, grads = eqx.filter_value_and_grad(L.generator_loss)(

@@ -220,10 +220,10 @@ def check_step_times(times, num_steps):
 
 def step_grid(num_steps: int, times=None):
     """`(time_of, next_of)`: step i's input time and the time its output is re-noised to (0 after the last step).
-    `times` None: the uniform grid t = 1 - i/k, computed from i (the float rounding of every measured run);
-    else the checked `(num_steps,)` decreasing input times. Both take an int or an int array."""
+    `times` None: the uniform grid t = 1 - i/k; else the checked `(num_steps,)` decreasing input times. Both take
+    an int or an int array."""
     if times is None:
-        return (lambda i: 1.0 - i / num_steps), (lambda i: jnp.maximum(1.0 - i / num_steps - 1.0 / num_steps, 0.0))
+        times = 1.0 - np.arange(num_steps) / num_steps
     check_step_times(times, num_steps)
     times = jnp.asarray(times, jnp.float32)
     nexts = jnp.append(times[1:], 0.0)
