@@ -89,6 +89,7 @@ class MMConfig:
     grid_shift: Optional[float] = None  # the student's step grid: sampling.grid_times (None: uniform in t)
     nu_decay: float = 0.0  # Algorithm 3: EMA of nu over updates (0: the last batch's nu, as printed)
     aux_steps: int = 1  # Algorithm 2: auxiliary updates per generator update (1: the paper's strict alternation)
+    sigma_data: float = 0.5  # weighting "edm": the data scale of EDM's w(s) (0.5: EDM's, for images in [-1, 1])
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
@@ -102,6 +103,17 @@ class MMConfig:
             raise ValueError(f"unknown zs_sampling {self.zs_sampling!r}; choose one of {L.ZS_SAMPLING}")
         if not 0.0 <= self.nu_decay < 1.0:
             raise ValueError(f"nu_decay must lie in [0, 1); got {self.nu_decay!r}")
+        if not 0.0 < self.sigma_data < float("inf"):
+            raise ValueError(f"sigma_data (the data scale of EDM's weight) must be a finite number > 0; "
+                             f"got {self.sigma_data!r}")
+
+    @property
+    def loss_weighting(self):
+        """The `weighting` the losses take: `weighting` itself, or `losses.EDMWeight(sigma_data)` for "edm" at a
+        sigma_data other than EDM's 0.5 (at 0.5 the name, which is the same weight)."""
+        if self.weighting == "edm" and self.sigma_data != 0.5:
+            return L.EDMWeight(self.sigma_data)
+        return self.weighting
 
 
 def check_compatible(teacher, student, example):
@@ -172,7 +184,7 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
         batch = L.noised_batch(schedule, x, k, cfg.k, label, cfg.time_grid, cfg.grid_shift)
         x_tilde, z_s = L.generate(gen.model, schedule, batch, cfg.zs_sampling)
         loss, grads = eqx.filter_value_and_grad(L.auxiliary_loss)(
-            aux.model, teacher, schedule, sg(x_tilde), z_s, batch.s, cfg.weighting, label
+            aux.model, teacher, schedule, sg(x_tilde), z_s, batch.s, cfg.loss_weighting, label
         )
         return apply_grads(aux, grads, aux_opt), loss
 
@@ -184,7 +196,7 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
 
     batch = L.noised_batch(schedule, x, k_gen, cfg.k, label, cfg.time_grid, cfg.grid_shift)
     gen_loss, grads = eqx.filter_value_and_grad(L.generator_loss)(
-        gen.model, aux.model, teacher, schedule, batch, cfg.weighting, cfg.zs_sampling
+        gen.model, aux.model, teacher, schedule, batch, cfg.loss_weighting, cfg.zs_sampling
     )
     gen = apply_grads(gen, grads, gen_opt)
     return AlternatingState(gen, aux), {"aux_loss": aux_loss, "gen_loss": gen_loss}
@@ -285,10 +297,11 @@ def instant_step(state: InstantState, teacher, precond, x, x_prime, key, *, cfg:
     batch = L.noised_batch(schedule, x, k1, cfg.k, label, cfg.time_grid, cfg.grid_shift)
     batch_prime = L.noised_batch(schedule, x_prime, k2, cfg.k, label_prime, cfg.time_grid, cfg.grid_shift)
     student = state.student
-    nu = L.instant_nu(student.model, teacher, precond, schedule, batch_prime, cfg.weighting, cfg.zs_sampling, data_grad)
+    nu = L.instant_nu(student.model, teacher, precond, schedule, batch_prime, cfg.loss_weighting, cfg.zs_sampling,
+                      data_grad)
     tangent, nu_state = optax.ema(cfg.nu_decay, debias=True).update(nu, state.nu)  # decay 0: tangent = nu
     (_, monitor), grads = eqx.filter_value_and_grad(L.instant_loss, has_aux=True)(
-        student.model, teacher, precond, schedule, batch, batch_prime, cfg.weighting, cfg.zs_sampling,
+        student.model, teacher, precond, schedule, batch, batch_prime, cfg.loss_weighting, cfg.zs_sampling,
         data_grad=data_grad, nu=tangent
     )
     return InstantState(apply_grads(student, grads, optimiser), nu_state), {"instant_loss": monitor}

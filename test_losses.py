@@ -505,6 +505,25 @@ def test_guided_teacher_value_and_straight_through_gradient():
 
 
 # ----------------------------------------------------------------------------------------------
+# EDM's weight at the data's scale.
+
+
+def test_edm_weight_takes_the_data_scale():
+    """`MMConfig(sigma_data=sd).loss_weighting` is EDM's `(sigma^2 + sd^2) / (sigma sd)^2`, sigma^2 = exp(-lambda_s);
+    at EDM's 0.5 it is the name "edm" itself (the same weight, so default runs are unchanged); sd <= 0 is refused."""
+    s = jnp.linspace(0.05, 0.95, 7)
+    sigma2 = np.exp(-np.asarray(SCHED.logsnr(s), np.float64))
+    for sd in (0.5, 1.4):
+        w = mmd.MMConfig(sigma_data=sd).loss_weighting
+        got = np.asarray(L.loss_weight(w, SCHED, s, None, None), np.float64)
+        np.testing.assert_allclose(got, (sigma2 + sd**2) / (sigma2 * sd**2), rtol=1e-5)
+    assert mmd.MMConfig().loss_weighting == "edm" and mmd.MMConfig(sigma_data=1.4).loss_weighting == L.EDMWeight(1.4)
+    assert mmd.MMConfig(weighting="flat", sigma_data=1.4).loss_weighting == "flat"
+    with pytest.raises(ValueError, match="sigma_data .* > 0; got 0.0"):
+        mmd.MMConfig(sigma_data=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
 # What a parameter is: `Frozen` arrays are not, under any optimiser.
 
 

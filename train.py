@@ -255,7 +255,8 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
     else:
         weighting = c.instant_weighting if method == "mm_instant" and c.instant_weighting != "same" else c.weighting
         weighting = weighting if weighting != "auto" else ("flat" if k <= 2 else "edm")
-        mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift)
+        mcfg = mmd.MMConfig(k=k, weighting=weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift,
+                            sigma_data=c.mm_sigma_data)
         num = c.train_steps(method, k)
         if method == "mm_alternating":
             mcfg = dataclasses.replace(mcfg, aux_steps=c.mm_aux_steps)
@@ -272,7 +273,8 @@ def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, n
             if precond is None:  # check_checkpoints: the state's structure only
                 precond = jax.tree.map(jnp.ones_like, L.params(net))
             teacher, precond = instant_space(cfg, task, teacher, net, precond)
-            data_grad = data_moment(cfg, task, teacher, weighting) if c.instant_eq10 and teacher is not None else None
+            eq10 = c.instant_eq10 and teacher is not None
+            data_grad = data_moment(cfg, task, teacher, mcfg.loss_weighting) if eq10 else None
             opt = mmd.mm_optimiser(c.instant_lr, num, warmup=min(1000, num // 10), b1=c.mm_b1)
             state = mmd.init_instant(net, opt, precond)
             step = with_labels(lambda st, kk, x, lab: mmd.instant_step(
