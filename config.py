@@ -78,6 +78,7 @@ class Config:
     nu_decay: float = 0.97  # EMA of Algorithm 3's nu over updates (0: one batch, as printed)
     data_grad_batches: int = 1000  # real batches averaged, once, for Eq. 10's data term (its error is a fixed bias)
     nu_batch_mult: int = 2  # Algorithm 3's B' (the batch that gives nu) as a multiple of the batch B
+    mm_sigma_data: float = 0.5  # sigma_data of EDM's w(s) in the MM losses (mmd.MMConfig.sigma_data; EDM's 0.5)
     dmd2_train_steps: int = 1000
     dmd2_lr: float = 3e-4
     dmd2_lr_decay: bool = False  # the generator's learning rate decays along a cosine to 0 (the critic's stays)
@@ -161,7 +162,7 @@ class Config:
         if self.instant_weighting not in ("same", "auto"):
             mmd.MMConfig(weighting=self.instant_weighting)
         dmd2.DMD2Config(ttur=self.ttur)
-        mmd.MMConfig(nu_decay=self.nu_decay)
+        mmd.MMConfig(nu_decay=self.nu_decay, sigma_data=self.mm_sigma_data)
 
     @property
     def grid_shift(self):

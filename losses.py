@@ -101,8 +101,19 @@ def inner(a, b):
     return einops.reduce(a * b, "b ... -> b", "mean")
 
 
+class EDMWeight(eqx.Module):
+    """EDM's w(s) for data of scale `sigma_data` (`sampling.edm_weight`), as a weighting callable; `"edm"` is
+    `EDMWeight(0.5)`, EDM's scale of images in [-1, 1]. `mmd.MMConfig.sigma_data` hands it to the MM losses."""
+
+    sigma_data: float = eqx.field(static=True)
+
+    def __call__(self, schedule: Schedule, s, x, x_teacher):
+        return edm_weight(schedule, s, self.sigma_data)
+
+
 def loss_weight(weighting, schedule: Schedule, s, x, x_teacher):
-    """w(s) of Sec. 3.3: `"edm"`, `"flat"`, `"dmd"` (1 / mean|x - x_teacher|, stop-gradient), or a callable."""
+    """w(s) of Sec. 3.3: `"edm"`, `"flat"`, `"dmd"` (1 / mean|x - x_teacher|, stop-gradient), or a callable
+    `(schedule, s, x, x_teacher) -> (B,)` such as `EDMWeight(sigma_data)`."""
     if callable(weighting):
         return weighting(schedule, s, x, x_teacher)
     if weighting == "edm":

@@ -96,6 +96,7 @@ class MMConfig:
     grid_shift: Optional[float] = None  # the student's step grid: sampling.grid_times (None: uniform in t)
     nu_decay: float = 0.0  # Algorithm 3: EMA of nu over updates (0: the last batch's nu, as printed)
     aux_steps: int = 1  # Algorithm 2: auxiliary updates per generator update (1: the paper's strict alternation)
+    sigma_data: float = 0.5  # weighting "edm": the data scale of EDM's w(s) (0.5: EDM's, for images in [-1, 1])
 
     def __post_init__(self):
         if not isinstance(self.k, int) or self.k < 1:
@@ -110,6 +111,17 @@ class MMConfig:
             raise ValueError(f"unknown zs_sampling {self.zs_sampling!r}; choose one of {L.ZS_SAMPLING}")
         if not 0.0 <= self.nu_decay < 1.0:
             raise ValueError(f"nu_decay must lie in [0, 1); got {self.nu_decay!r}")
+        if not 0.0 < self.sigma_data < float("inf"):
+            raise ValueError(f"sigma_data (the data scale of EDM's weight) must be a finite number > 0; "
+                             f"got {self.sigma_data!r}")
+
+    @property
+    def loss_weighting(self):
+        """The `weighting` the losses take: `weighting` itself, or `losses.EDMWeight(sigma_data)` for "edm" at a
+        sigma_data other than EDM's 0.5 (at 0.5 the name, which is the same weight)."""
+        if self.weighting == "edm" and self.sigma_data != 0.5:
+            return L.EDMWeight(self.sigma_data)
+        return self.weighting
 
 
 def check_compatible(teacher, student, example):
@@ -180,7 +192,7 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
         batch = L.noised_batch(schedule, x, k, cfg.k, label, cfg.time_grid, cfg.grid_shift)
         x_tilde, z_s = L.generate(gen.model, schedule, batch, cfg.zs_sampling)
         loss, grads = eqx.filter_value_and_grad(L.auxiliary_loss)(
-            aux.model, teacher, schedule, sg(x_tilde), z_s, batch.s, cfg.weighting, label
+            aux.model, teacher, schedule, sg(x_tilde), z_s, batch.s, cfg.loss_weighting, label
         )
         return apply_grads(aux, grads, aux_opt), loss
 
@@ -189,7 +201,7 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
 
     batch = L.noised_batch(schedule, x, k_gen, cfg.k, label, cfg.time_grid, cfg.grid_shift)
     gen_loss, grads = eqx.filter_value_and_grad(L.generator_loss)(
-        gen.model, aux.model, teacher, schedule, batch, cfg.weighting, cfg.zs_sampling
+        gen.model, aux.model, teacher, schedule, batch, cfg.loss_weighting, cfg.zs_sampling
     )
     gen = apply_grads(gen, grads, gen_opt)
     return AlternatingState(gen, aux), {"aux_loss": aux_loss, "gen_loss": gen_loss}
@@ -293,10 +305,11 @@ def instant_step(state: InstantState, teacher, precond, x, x_prime, key, *, cfg:
     batch = L.noised_batch(schedule, x, k1, cfg.k, label, cfg.time_grid, cfg.grid_shift)
     batch_prime = L.noised_batch(schedule, x_prime, k2, cfg.k, label_prime, cfg.time_grid, cfg.grid_shift)
     student = state.student
-    nu = L.instant_nu(student.model, teacher, precond, schedule, batch_prime, cfg.weighting, cfg.zs_sampling, data_grad)
+    nu = L.instant_nu(student.model, teacher, precond, schedule, batch_prime, cfg.loss_weighting, cfg.zs_sampling,
+                      data_grad)
     tangent, nu_state = optax.ema(cfg.nu_decay, debias=True).update(nu, state.nu)  # decay 0: tangent = nu
     (_, monitor), grads = eqx.filter_value_and_grad(L.instant_loss, has_aux=True)(
-        student.model, teacher, precond, schedule, batch, batch_prime, cfg.weighting, cfg.zs_sampling,
+        student.model, teacher, precond, schedule, batch, batch_prime, cfg.loss_weighting, cfg.zs_sampling,
         data_grad=data_grad, nu=tangent
     )
     return InstantState(apply_grads(student, grads, optimiser), nu_state), {"instant_loss": monitor}
@@ -443,20 +456,21 @@ def _grid(schedule, k, grid_shift):
 
 
 def alternating_distiller(teacher, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=1e-4, aux_lr=None,
-                          weighting="auto", zs_sampling="posterior", grid_shift=None, aux_steps=1, b1=0.0, ema=0.0,
-                          student=None, aux_start=None) -> Distiller:
+                          weighting="auto", sigma_data=0.5, zs_sampling="posterior", grid_shift=None, aux_steps=1,
+                          b1=0.0, ema=0.0, student=None, aux_start=None) -> Distiller:
     """Algorithm 2 (alternating moment matching) for `teacher`, a frozen unbatched denoiser `teacher(z, t[, label])`.
 
     **Arguments:**
     - `k`: the student's sampling steps; `steps`: generator updates the optimisers' schedules span.
     - `lr`, `aux_lr`: peak learning rates of the generator and the auxiliary model (None: `lr`, as the paper).
     - `weighting`: w(s), `"auto"` (`auto_weighting(k)`), `"edm"`, `"flat"`, `"dmd"` or a callable (`losses.loss_weight`).
+    - `sigma_data`: the data's standard deviation in EDM's weight (EDM's 0.5 by default).
     - `zs_sampling`, `grid_shift`, `aux_steps`: `MMConfig`'s. `b1`: Adam's momentum (App. B: 0).
     - `ema`: decay of a weight average of the student, which `Distiller.student` then returns (0: none).
     - `student`, `aux_start`: where generator and auxiliary model start (None: the teacher, Algorithm 2's Require).
     """
     cfg = MMConfig(k=k, weighting=auto_weighting(k) if weighting == "auto" else weighting, zs_sampling=zs_sampling,
-                   grid_shift=grid_shift, aux_steps=aux_steps)
+                   grid_shift=grid_shift, aux_steps=aux_steps, sigma_data=sigma_data)
     opt = mm_optimiser(lr, steps, warmup_steps(steps), b1=b1)  # one optimiser for both players, as the paper
     if aux_lr is not None or aux_steps > 1:  # the auxiliary model's own schedule, over its own number of updates
         n_aux = steps * aux_steps
@@ -473,14 +487,14 @@ def alternating_distiller(teacher, *, k: int, steps: int, schedule: Schedule = S
 
 
 def instant_distiller(teacher, precond, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=3e-4,
-                      weighting="auto", zs_sampling="posterior", grid_shift=None, nu_decay=0.97, nu_batch_mult=2,
-                      data_grad=None, b1=0.0, ema=0.0, student=None) -> Distiller:
+                      weighting="auto", sigma_data=0.5, zs_sampling="posterior", grid_shift=None, nu_decay=0.97,
+                      nu_batch_mult=2, data_grad=None, b1=0.0, ema=0.0, student=None) -> Distiller:
     """Algorithm 3 (instant moment matching, in the teacher's parameter space) for `teacher`.
 
     **Arguments:**
     - `precond`: Lambda, a tree like the teacher's parameters (`preconditioner_from_adam` of the teacher's Adam
       state, or `estimate_preconditioner`).
-    - `k`, `steps`, `lr`, `weighting`, `zs_sampling`, `grid_shift`, `b1`, `ema`: as `alternating_distiller`.
+    - `k`, `steps`, `lr`, `weighting`, `sigma_data`, `zs_sampling`, `grid_shift`, `b1`, `ema`: as `alternating_distiller`.
     - `nu_decay`: average of nu over updates (`MMConfig.nu_decay`; 0: one batch's, as printed).
     - `nu_batch_mult`: B' = `nu_batch_mult` x B, the batch that gives nu; a step takes `(1 + nu_batch_mult) B` examples.
     - `data_grad`: Eq. 10's teacher gradient on real data (`data_moment`), or None (Eq. 9).
@@ -489,7 +503,7 @@ def instant_distiller(teacher, precond, *, k: int, steps: int, schedule: Schedul
     if not isinstance(nu_batch_mult, int) or nu_batch_mult < 1:
         raise ValueError(f"nu_batch_mult (B' / B) must be an integer >= 1; got {nu_batch_mult!r}")
     cfg = MMConfig(k=k, weighting=auto_weighting(k) if weighting == "auto" else weighting, zs_sampling=zs_sampling,
-                   grid_shift=grid_shift, nu_decay=nu_decay)
+                   grid_shift=grid_shift, nu_decay=nu_decay, sigma_data=sigma_data)
     if teacher is not None:  # (None: a state's structure only, as train.check_checkpoints builds one)
         check_preconditioner(precond, teacher)
     opt = mm_optimiser(lr, steps, warmup_steps(steps), b1=b1)

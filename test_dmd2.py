@@ -1,6 +1,8 @@
 """Property tests of DMD2 (losses.dmd_loss, dmd2.dmd2_step) on Gaussian data: the distribution-matching gradient
-against the KL between Gaussians, the per-step critic, backward simulation's re-noising to the given step times,
-one optimiser per player and the official step times. Each check has a companion that a wrong variant fails.
+against the KL between Gaussians, the per-step critic (one optimiser state per copy, step j paired with copy j), the
+order of the two time-scale update rule, backward simulation (marginal re-noising to the given step times, under
+stop-gradient), the exact teacher's fake score under DMD2's AdamW, one optimiser per player and the official step
+times. Each check has a companion that a wrong variant fails.
 """
 
 import equinox as eqx
@@ -15,8 +17,9 @@ from hypothesis import strategies as st
 
 import losses as L
 import dmd2
+import mmd
 from models import GaussianDenoiser, MLPDenoiser
-from sampling import karras_grid_time, sample
+from sampling import karras_grid_time, posterior, sample
 from test_losses import SCHED, Z, random_cov, tree_vec
 from test_short_runs import _data
 
@@ -143,6 +146,138 @@ def test_backward_simulation_renoises_to_the_given_step_times():
     c, z_uniform, t_uniform = _backsim_inputs(None)
     step = np.round((1 - t_uniform) * 4).astype(int)  # j of each example on the uniform grid
     assert _standardised_max_z(c, z_uniform, np.asarray(TIMES4)[step], TIMES4) > Z
+
+
+# ----------------------------------------------------------------------------------------------
+# The two time-scale update rule, the per-step critic's pairing, backward simulation, the exact teacher's fake score.
+
+
+class Const(eqx.Module):
+    """A denoiser (or one-step generator) whose output is `b` whatever its input."""
+
+    b: jax.Array
+
+    def __call__(self, z, t):
+        return self.b + 0.0 * z
+
+
+class PerStep(eqx.Module):
+    """A k-step generator that outputs row j of `p` at step j of the uniform grid t_j = 1 - j/k."""
+
+    p: jax.Array  # (k, D)
+
+    def __call__(self, z, t):
+        return self.p[jnp.round((1.0 - t) * self.p.shape[0]).astype(jnp.int32)] + 0.0 * z
+
+
+def test_ttur_updates_the_critic_first_and_the_generator_sees_it():
+    """`dmd2_step` (DMD2's AdamW for both players): `ttur` critic updates, then one generator update against the
+    updated critic. The fake score starts equal to the real one, so only an updated critic gives the generator a
+    distribution matching gradient: the generator's output moves by about the learning rate towards the real
+    prediction, against about lr x weight decay from the decay alone (a generator updated first, or against the old
+    critic, fails)."""
+    r, p0, lr = jnp.array([0.5, 0.5]), jnp.array([0.2, -1.0]), 1e-2
+    cfg, opt = dmd2.DMD2Config(k=1, ttur=3, gan=False), dmd2.dmd2_optimiser(lr, warmup=0)
+    state = dmd2.init_dmd2(Const(r), jr.key(0), opt, cfg, 0, student=Const(p0))
+    new, _ = dmd2.dmd2_step(state, Const(r), jnp.zeros((3, 8, 2)), jr.key(1), cfg=cfg, optimiser=opt, schedule=SCHED)
+    assert int(_adam_count(new.critic.opt_state)) == 3 and int(_adam_count(new.generator.opt_state)) == 1
+    moved = np.asarray(new.critic.model.fake.b - r)
+    assert np.all(np.sign(moved) == np.sign(np.asarray(p0 - r))) and np.all(np.abs(moved) > lr)  # towards the samples
+    step = np.asarray(new.generator.model.b - p0)
+    assert np.all(np.sign(step) == -np.sign(np.asarray(p0 - r))) and np.all(np.abs(step) > 0.5 * lr), step
+
+
+def test_per_step_critic_pairs_generator_step_j_with_copy_j():
+    """With `per_step_critic` (DMD2's AdamW): a critic update trains copy j on generator step j's samples (copy j's
+    output moves towards step j's output), and the generator update of step j follows copy j (step j's output moves
+    along `real - fake_j`). Steps alternate in sign, so pairing j with any other copy fails."""
+    k, d, lr = 4, 2, 1e-2
+    signs = jnp.array([1.0, -1.0, 1.0, -1.0])[:, None] * jnp.ones((k, d))
+    real = Const(jnp.full(d, 0.5))
+    cfg, opt = dmd2.DMD2Config(k=k, ttur=1, gan=False, backward_sim=False, per_step_critic=True), \
+        dmd2.dmd2_optimiser(lr, warmup=0)
+    step = eqx.filter_jit(lambda s, key: dmd2.dmd2_step(s, real, jnp.zeros((1, 8, d)), key, cfg=cfg, optimiser=opt,
+                                                        schedule=SCHED)[0])
+
+    def moved_row(before, after):
+        rows = np.flatnonzero(np.any(np.asarray(after != before), axis=1))
+        assert len(rows) == 1, rows  # one copy / one step per update
+        return int(rows[0]), np.asarray(after - before)[rows[0]]
+
+    critic_steps, generator_steps = set(), set()
+    start = dmd2.init_dmd2(Const(jnp.zeros(d)), jr.key(0), opt, cfg, 0, student=PerStep(3.0 * signs))
+    starts = (start, eqx.tree_at(lambda s: s.critic.model.fake.b, dmd2.init_dmd2(
+        Const(jnp.zeros(d)), jr.key(0), opt, cfg, 0, student=PerStep(jnp.zeros((k, d)))), real.b + signs))
+    for i in range(16):
+        new = step(starts[0], jr.key(i))  # the critic: copy j (from 0) moves towards step j's output 3 sign_j
+        j, delta = moved_row(starts[0].critic.model.fake.b, new.critic.model.fake.b)
+        assert np.all(np.sign(delta) == np.asarray(signs[j])), (j, delta)
+        critic_steps.add(j)
+        new = step(starts[1], jr.key(i))  # the generator: step j (from 0) moves along real - fake_j = -sign_j
+        j, delta = moved_row(starts[1].generator.model.p, new.generator.model.p)
+        assert np.all(np.sign(delta) == -np.asarray(signs[j])), (j, delta)
+        generator_steps.add(j)
+    assert critic_steps == generator_steps == set(range(k))
+
+
+class Scale(eqx.Module):
+    """A generator `x_hat = c z` (not constant, so posterior and marginal re-noising differ)."""
+
+    c: jax.Array
+
+    def __call__(self, z, t):
+        return self.c * z
+
+
+def test_backward_simulation_renoises_with_the_marginal_under_stop_gradient():
+    """Backward simulation with a generator `x_hat = c z`: step j's input has the law of marginal re-noising,
+    `z_{i+1} = alpha_{i+1} c z_i + sigma_{i+1} eps`, variance `v_{i+1} = alpha^2 c^2 v_i + sigma^2` from v_0 = 1
+    (within Z standard errors per step); the posterior q(z_s | z_t, x_hat) gives other variances and fails. The
+    input is under stop-gradient: d/dc of `sum(g_c(z))` is `sum(z)`, not also through the simulated z."""
+    c, n, k = -1.0, N_GI, 4
+    cfg = dmd2.DMD2Config(k=k)
+    z, t_j = jax.jit(lambda c: dmd2.generator_input(Scale(c), SCHED, jnp.zeros((n, 2)), jr.key(0), cfg))(c)
+    z, t_j = np.asarray(z, np.float64), np.asarray(t_j)
+    grid = [1.0 - i / k for i in range(k)]
+    v_marginal, v_posterior = [1.0], [1.0]
+    for i in range(k - 1):
+        t, s = jnp.float32(grid[i]), jnp.float32(grid[i + 1])
+        alpha, sigma = (float(a) for a in SCHED.alpha_sigma(s))
+        v_marginal.append(alpha**2 * c**2 * v_marginal[-1] + sigma**2)
+        a1, std = (float(jnp.squeeze(a)) for a in posterior(SCHED, jnp.ones(()), jnp.zeros(()), t, s))
+        a2 = float(posterior(SCHED, jnp.zeros(()), jnp.ones(()), t, s)[0])
+        v_posterior.append((a1 + a2 * c) ** 2 * v_posterior[-1] + std**2)
+    for j, t in enumerate(grid):
+        u = z[np.isclose(t_j, t)]
+        se = v_marginal[j] * np.sqrt(2 / len(u))
+        assert np.all(np.abs(u.var(0) - v_marginal[j]) < Z * se), (j, u.var(0), v_marginal[j])
+        if j >= 2:  # bites: from the second re-noising on (the first, from t = 1, is the same either way)
+            assert np.all(np.abs(u.var(0) - v_posterior[j]) > Z * se), (j, u.var(0), v_posterior[j])
+
+    def output_sum(c):
+        z, t = dmd2.generator_input(Scale(c), SCHED, jnp.zeros((64, 2)), jr.key(1), cfg)
+        return jnp.sum(L.apply(Scale(c), z, t)), jnp.sum(z)
+
+    grad, total = jax.jit(jax.grad(output_sum, has_aux=True))(jnp.float32(c))
+    np.testing.assert_allclose(grad, total, rtol=1e-5)
+
+
+def test_rebased_fake_score_stays_rebased_under_dmd2s_optimiser():
+    """`--teacher exact`: DMD2's fake score `Rebased(net, exact, net)` trained by `dmd2_step` with DMD2's AdamW
+    (weight decay 0.01): after 20 generator updates (40 critic updates) its `base` and `anchor` are bit for bit the
+    closed form and the starting network (so the fake score still reads `exact + (net_phi - net_0)`), while its
+    network moved."""
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    exact = GaussianDenoiser(jnp.array([0.5, -0.3]), 0.8 * jnp.eye(2))
+    cfg, opt = dmd2.DMD2Config(k=1, ttur=2, gan=False), dmd2.dmd2_optimiser(1e-2, warmup=0)
+    state = dmd2.init_dmd2(L.Rebased(net, exact, net), jr.key(1), opt, cfg, 16, student=net)
+    x = jnp.stack([_data(jr.key(2), 32)] * cfg.ttur)
+    step = lambda st, key: dmd2.dmd2_step(st, exact, x, key, cfg=cfg, optimiser=opt, schedule=SCHED)
+    fake = eqx.filter_jit(mmd.scan_steps)(step, state, jr.split(jr.key(3), 20))[0].critic.model.fake
+    for before, after in ((exact, fake.base), (net, fake.anchor)):
+        for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert float(jnp.max(jnp.abs(tree_vec(fake.model) - tree_vec(net)))) > 1e-3
 
 
 def test_sampler_runs_on_the_given_step_times():

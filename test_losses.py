@@ -346,6 +346,184 @@ def test_every_loss_and_step_is_finite_on_edge_times(shape):
 
 
 # ----------------------------------------------------------------------------------------------
+# Eq. 10's data term in nu and in the monitor.
+
+
+@eqx.filter_jit
+def _eq10_terms(generator, teacher, precond, batch, data_grad):
+    """nu without and with the data term, and the monitor of Eq. 10 with B' = B."""
+    nu = lambda g0: L.instant_nu(generator, teacher, precond, SCHED, batch, "edm", "posterior", g0)
+    monitor = L.instant_loss(generator, teacher, precond, SCHED, batch, batch, data_grad=data_grad)[1]
+    return nu(None), nu(data_grad), monitor
+
+
+@given(seed=seeds)
+def test_eq10_subtracts_the_data_term_from_nu(seed):
+    """`data_grad` g_0: nu = Lambda (g - g_0) (Eq. 10), g the teacher gradient of the batch, and the monitor with
+    B' = B is `1/2 (g - g_0)^T Lambda (g - g_0)`; `Lambda (g + g_0)` fails both."""
+    teacher, generator, precond, batch, _ = small_world(seed)
+    g0 = jax.tree.map(lambda a: jr.normal(jr.key(seed), a.shape), precond)
+    nu_plain, nu_eq10, monitor = _eq10_terms(generator, teacher, precond, batch, g0)
+    lam, g, g0, got = (np.asarray(ravel_pytree(t)[0], np.float64) for t in (precond, nu_plain, g0, nu_eq10))
+    g = g / lam  # nu without a data term is Lambda g
+    scale = float(np.max(np.abs(lam * g0)))
+    np.testing.assert_allclose(got, lam * (g - g0), rtol=1e-5, atol=1e-6 * scale)
+    np.testing.assert_allclose(float(monitor), 0.5 * np.sum(lam * (g - g0) ** 2), rtol=1e-4)
+    assert np.max(np.abs(got - lam * (g + g0))) > 0.1 * scale  # bites: the data term added
+
+
+# ----------------------------------------------------------------------------------------------
+# DMD2's losses: the normalised distribution matching gradient and the GAN terms.
+
+
+def _diffuse64(x, t, noise):
+    """`alpha_t x + sigma_t noise` in float64 numpy, t `(B,)`."""
+    alpha, sigma = (np.asarray(a, np.float64)[:, None] for a in SCHED.alpha_sigma(jnp.asarray(t)))
+    return alpha * np.asarray(x, np.float64) + sigma * np.asarray(noise, np.float64)
+
+
+def _gauss_pred(mean, cov, z, t):
+    """E[x | z_t] for x ~ N(mean, cov), in float64 numpy (the closed form of models.GaussianDenoiser)."""
+    alpha, sigma = (np.asarray(a, np.float64)[:, None] for a in SCHED.alpha_sigma(jnp.asarray(t)))
+    out = []
+    for zi, a, s in zip(np.asarray(z, np.float64), alpha[:, 0], sigma[:, 0]):
+        c = a**2 * cov + s**2 * np.eye(len(mean))
+        out.append(mean + a * cov @ np.linalg.solve(c, zi - a * mean))
+    return np.stack(out)
+
+
+def test_dmd_loss_gradient_is_the_normalised_score_difference():
+    """`dmd_loss`'s x-gradient, per example, is `(x_fake(z) - x_real(z)) / mean_dims|x - x_real(z)| / (B D)` with
+    z = alpha_t x + sigma_t noise (DMD2's normaliser; closed-form Gaussian real and fake denoisers, float64). Without
+    the normaliser, or normalised by |x - x_fake(z)|, it fails."""
+    b, d = 16, 3
+    rng = np.random.default_rng(0)
+    mr, mf, cr, cf = rng.normal(size=d), rng.normal(size=d), random_cov(rng, d), random_cov(rng, d)
+    x, noise = jr.normal(jr.key(0), (b, d)) * 2.0, jr.normal(jr.key(1), (b, d))
+    t = jnp.linspace(0.05, 0.95, b)
+    grad = np.asarray(eqx.filter_jit(jax.grad(L.dmd_loss))(
+        x, GaussianDenoiser(mr, cr), GaussianDenoiser(mf, cf), SCHED, t, noise), np.float64)
+    z = _diffuse64(x, t, noise)
+    real, fake = _gauss_pred(mr, cr, z, t), _gauss_pred(mf, cf, z, t)
+    xn = np.asarray(x, np.float64)
+    want = (fake - real) / np.mean(np.abs(xn - real), 1, keepdims=True) / (b * d)
+    np.testing.assert_allclose(grad, want, rtol=1e-3, atol=1e-4 * np.abs(want).max())
+    for wrong in ((fake - real) / (b * d), (fake - real) / np.mean(np.abs(xn - fake), 1, keepdims=True) / (b * d)):
+        assert np.max(np.abs(wrong - want)) > 0.05 * np.abs(want).max()  # bites
+
+
+class _Identity(eqx.Module):
+    """A "fake score" whose features are its input z: the GAN head then sees z itself."""
+
+    def __call__(self, z, t):
+        return z
+
+    def features(self, z, t):
+        return z
+
+
+class _Linear(eqx.Module):
+    """A discriminator head `D(f) = w^T f + c`."""
+
+    w: jax.Array
+    c: jax.Array
+
+    def __call__(self, f):
+        return f @ self.w + self.c
+
+
+def test_gan_losses_have_the_non_saturating_values_and_signs():
+    """DMD2's GAN terms on noised samples z = alpha x + sigma eps, D a linear head on z: the generator's is
+    `mean softplus(-D(z))`, the discriminator's `mean softplus(D(z_fake)) + softplus(-D(z_real))` with no gradient
+    to the generator's samples; swapped signs fail."""
+    b, d = 32, 2
+    head, fake = _Linear(jnp.array([0.7, -1.3]), jnp.float32(0.2)), _Identity()
+    xr, xf = jr.normal(jr.key(0), (b, d)) + 1.0, jr.normal(jr.key(1), (b, d)) - 1.0
+    tr, tf = jnp.linspace(0.1, 0.9, b), jnp.linspace(0.9, 0.1, b)
+    keys, noise = tuple(jr.split(jr.key(2))), jr.normal(jr.key(3), (b, d))
+
+    @jax.jit
+    def losses(xr, xf):
+        gen = L.gan_generator_loss(head, fake, SCHED, xf, tf, noise)
+        disc, grad_xf = jax.value_and_grad(
+            lambda xf: L.gan_discriminator_loss(head, fake, SCHED, xr, xf, tr, tf, keys), 0)(xf)
+        return gen, disc, grad_xf
+
+    gen, disc, grad_xf = losses(xr, xf)
+    softplus = lambda a: np.logaddexp(0.0, a)
+    head64 = lambda z: z @ np.asarray(head.w, np.float64) + 0.2
+    d_gen = head64(_diffuse64(xf, tf, noise))
+    d_real = head64(_diffuse64(xr, tr, jr.normal(keys[0], (b, d))))
+    d_fake = head64(_diffuse64(xf, tf, jr.normal(keys[1], (b, d))))
+    np.testing.assert_allclose(float(gen), np.mean(softplus(-d_gen)), rtol=1e-5)
+    np.testing.assert_allclose(float(disc), np.mean(softplus(d_fake) + softplus(-d_real)), rtol=1e-5)
+    assert float(jnp.max(jnp.abs(grad_xf))) == 0.0
+    assert abs(np.mean(softplus(d_gen)) - float(gen)) > 0.1  # bites: the saturating sign
+    assert abs(np.mean(softplus(-d_fake) + softplus(d_real)) - float(disc)) > 0.1  # bites: real and fake swapped
+
+
+# ----------------------------------------------------------------------------------------------
+# Classifier-free guidance: value and straight-through gradient.
+
+
+class _Conditional(eqx.Module):
+    """`x_hat = w[label] * z`, row -1 of w the null class (label None)."""
+
+    w: jax.Array  # (classes + 1, D)
+
+    def __call__(self, z, t, label=None):
+        return self.w[-1 if label is None else label] * z
+
+
+def test_guided_teacher_value_and_straight_through_gradient():
+    """`GuidedTeacher(model, scale)`: value `x_c + scale (x_c - x_u)` (clipped if asked), gradient in z and in the
+    parameters that of the conditional prediction x_c alone (Sec. 3.3's straight-through); a flipped guidance
+    direction fails the value, the guided value's own gradient (no stop-gradient) fails the gradient."""
+    model = _Conditional(jnp.array([[0.5, 2.0], [1.5, -1.0], [-0.7, 0.3]]))
+    z, t, label, scale, coef = jnp.array([0.8, -1.2]), jnp.float32(0.4), 1, 0.75, jnp.array([1.0, -2.0])
+    w_c, w_u = np.asarray(model.w[label]), np.asarray(model.w[-1])
+    x_c, x_u = w_c * np.asarray(z), w_u * np.asarray(z)
+    f = lambda m, z: jnp.sum(coef * m(z, t, label))  # a linear read-out of the prediction
+
+    @eqx.filter_jit
+    def value_and_grads(teacher):
+        return teacher(z, t, label), eqx.filter_grad(f)(teacher, z).model.w, jax.grad(f, argnums=1)(teacher, z)
+
+    plain_w = np.asarray(eqx.filter_grad(f)(model, z).w)  # the conditional prediction's own gradients
+    plain_z = np.asarray(coef) * w_c
+    guided_z = np.asarray(coef) * ((1 + scale) * w_c - scale * w_u)
+    for clip in (None, 0.5):
+        value, grad_w, grad_z = value_and_grads(L.GuidedTeacher(model, scale=scale, clip=clip))
+        want = x_c + scale * (x_c - x_u)
+        want = want if clip is None else np.clip(want, -clip, clip)
+        np.testing.assert_allclose(value, want, rtol=1e-6)
+        flipped = x_c - scale * (x_c - x_u)
+        assert np.max(np.abs(np.asarray(value) - (flipped if clip is None else np.clip(flipped, -clip, clip)))) > 0.1
+        np.testing.assert_allclose(grad_w, plain_w, rtol=1e-6)
+        np.testing.assert_allclose(grad_z, plain_z, rtol=1e-6)
+        assert np.max(np.abs(guided_z - plain_z)) > 0.1  # bites: the guided value's gradient is another
+
+
+# ----------------------------------------------------------------------------------------------
+# EDM's weight at the data's scale.
+
+
+def test_edm_weight_takes_the_data_scale():
+    """`MMConfig(sigma_data=sd).loss_weighting` is EDM's `(sigma^2 + sd^2) / (sigma sd)^2`, sigma^2 = exp(-lambda_s);
+    at EDM's 0.5 it is the name "edm" itself (the same weight, so default runs are unchanged); sd <= 0 is refused."""
+    s = jnp.linspace(0.05, 0.95, 7)
+    sigma2 = np.exp(-np.asarray(SCHED.logsnr(s), np.float64))
+    for sd in (0.5, 1.4):
+        w = mmd.MMConfig(sigma_data=sd).loss_weighting
+        got = np.asarray(L.loss_weight(w, SCHED, s, None, None), np.float64)
+        np.testing.assert_allclose(got, (sigma2 + sd**2) / (sigma2 * sd**2), rtol=1e-5)
+    assert mmd.MMConfig().loss_weighting == "edm" and mmd.MMConfig(sigma_data=1.4).loss_weighting == L.EDMWeight(1.4)
+    assert mmd.MMConfig(weighting="flat", sigma_data=1.4).loss_weighting == "flat"
+    with pytest.raises(ValueError, match="sigma_data .* > 0; got 0.0"):
+        mmd.MMConfig(sigma_data=0.0)
+
+
+# ----------------------------------------------------------------------------------------------
 # What a parameter is: `Frozen` arrays are not, under any optimiser.
 
 

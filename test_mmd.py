@@ -1,4 +1,5 @@
-"""Property tests of the foundation: noise process, posterior (Eq. 1-2), exact denoisers, samplers.
+"""Property tests of the foundation: noise process, posterior (Eq. 1-2), exact denoisers, samplers; and of mmd.py's
+Algorithm 3 preconditioner and nu average, and Algorithm 2's data batch.
 
 Every Monte-Carlo assertion uses a tolerance derived from its sample size (a multiple of the
 standard error), and each property has a companion test showing that a deliberately wrong variant
@@ -7,6 +8,7 @@ fails the same check.
 
 import functools
 
+import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jax.random as jr
@@ -334,6 +336,87 @@ def test_algorithm2_times_on_a_grid_draw_delta_uniform_in_grid_time(warp):
         grid = np.asarray(grid_times(sched, k, 0.0))
         nearest = np.abs(np.asarray(tg)[:, None] - grid[None]).min(axis=1)
         assert nearest.max() < 1e-5 and bool(jnp.all(tg >= sg_))
+
+
+# ----------------------------------------------------------------------------------------------
+# mmd.py's steps: Algorithm 3's preconditioner and nu average, Algorithm 2's data batch.
+
+
+def test_preconditioner_from_adam_is_adams_bias_corrected_second_moment():
+    """`preconditioner_from_adam` of the teacher optimiser's state after n updates with gradients g_1..g_n is
+    `1 / (sqrt(v_hat) + eps)`, `v_hat = (1 - b2) sum_i b2^(n-i) g_i^2 / (1 - b2^n)` with the teacher's b2 = 0.99
+    (its default), after 5 updates and after 300 with shrinking gradients; without the bias correction (5), or with
+    b2 = 0.999 (300), it fails."""
+    import mmd  # noqa: PLC0415
+
+    opt, params = mmd.teacher_optimiser(1e-3, 1000, 10), {"w": jnp.zeros(3)}
+
+    @functools.partial(jax.jit, static_argnums=0)
+    def adam_state(n):
+        i = jnp.arange(n)[:, None]
+        grads = jnp.array([0.05, -0.1, 0.0]) * jnp.exp(-i / 30.0) * (1 + i % 3)
+        body = lambda state, g: (opt.update({"w": g}, state, params)[1], None)  # global norm < clip 1
+        return jax.lax.scan(body, opt.init(params), grads)[0], grads
+
+    def want(grads, b2, debias=True):
+        n, g2 = len(grads), np.asarray(grads, np.float64) ** 2
+        v = (1 - b2) * np.tensordot(b2 ** (n - 1 - np.arange(n)), g2, 1)
+        return 1.0 / (np.sqrt(v / (1 - b2**n if debias else 1.0)) + 1e-3)
+
+    for n, wrong in ((5, dict(b2=0.99, debias=False)), (300, dict(b2=0.999))):
+        state, grads = adam_state(n)
+        got = np.asarray(mmd.preconditioner_from_adam(state, eps=1e-3)["w"], np.float64)
+        np.testing.assert_allclose(got, want(grads, 0.99), rtol=1e-4)
+        assert got[2] == pytest.approx(1e3)  # a parameter without gradient: the guard caps Lambda at 1 / eps
+        assert np.max(np.abs(want(grads, **wrong)[:2] / got[:2] - 1)) > 0.3, (n, wrong)  # bites
+
+
+def test_nu_average_is_bias_corrected():
+    """`MMConfig.nu_decay = d`: the JVP's tangent is the bias-corrected EMA of nu over updates. With a frozen student
+    (learning rate 0) and nu from B' = a, b, a in turn, the monitor `1/2 g^T tangent` (g of the fixed batch B) is
+    m_a, then `(d m_a + m_b) / (1 + d)`, then `(d^2 m_a + d m_b + m_a) / (1 + d + d^2)`, where m_a, m_b are the
+    monitors of d = 0; an uncorrected average ((1 - d) m_a first) fails."""
+    import optax  # noqa: PLC0415
+
+    import mmd  # noqa: PLC0415
+
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    x, xa = jr.normal(jr.key(1), (2, 64, 2))
+    xb = 3.0 * jr.normal(jr.key(2), (64, 2)) + 1.0
+    opt, d = optax.sgd(0.0), 0.8
+
+    def monitors(decay, primes):
+        cfg, state, out = mmd.MMConfig(k=4, nu_decay=decay), mmd.init_instant(net, opt, precond), []
+        for xp in primes:
+            state, m = mmd.instant_step(state, net, precond, x, xp, jr.key(3), cfg=cfg, optimiser=opt, schedule=SCHED)
+            out.append(float(m["instant_loss"]))
+        return out
+
+    m_a, m_b = monitors(0.0, (xa,))[0], monitors(0.0, (xb,))[0]
+    assert abs(m_a - m_b) > 0.2 * max(abs(m_a), abs(m_b))  # the two batches give different nu
+    got = monitors(d, (xa, xb, xa))
+    want = [m_a, (d * m_a + m_b) / (1 + d), (d**2 * m_a + d * m_b + m_a) / (1 + d + d**2)]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert abs((1 - d) * m_a - got[0]) > 0.1 * abs(m_a)  # bites: without the correction
+
+
+def test_alternating_step_feeds_one_data_batch_to_both_updates(monkeypatch):
+    """Algorithm 2 as `mmd.alternating_step` does it: the auxiliary update(s) and the generator update noise the same
+    clean batch `x` (with their own times and noise), not a fresh batch each."""
+    import losses as L  # noqa: PLC0415
+    import mmd  # noqa: PLC0415
+
+    net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
+    opt, x = mmd.mm_optimiser(1e-3, 10, 2), jnp.zeros((8, 2))
+    for aux_steps in (1, 2):
+        seen, real = [], L.noised_batch
+        monkeypatch.setattr(L, "noised_batch", lambda sched, x, *a, **kw: seen.append(x) or real(sched, x, *a, **kw))
+        cfg = mmd.MMConfig(k=2, aux_steps=aux_steps)
+        step = lambda st, x: mmd.alternating_step(st, net, x, jr.key(1), cfg=cfg, optimiser=opt, schedule=SCHED)
+        eqx.filter_eval_shape(step, mmd.init_alternating(net, opt), x)
+        assert len(seen) == 2 and seen[0] is seen[1], (aux_steps, seen)
+        monkeypatch.setattr(L, "noised_batch", real)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -167,6 +167,32 @@ def test_instant_weighting_applies_to_algorithm_3_only(instant, want):
         dataclasses.replace(TINY, instant_weighting="bogus")
 
 
+def test_mm_sigma_data_reaches_every_mm_loss():
+    """`Config.mm_sigma_data` is the sigma_data of EDM's w(s) in every loss of Algorithm 2 and 3 and in Eq. 10's data
+    term: a spy on `losses.loss_weight` sees `losses.EDMWeight(1.3)` and nothing else while both phases take a step;
+    a value <= 0 is refused."""
+    import tasks  # noqa: PLC0415
+
+    cfg = dataclasses.replace(TINY, weighting="edm", mm_sigma_data=1.3, data_grad_batches=2)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    seen, real = set(), train.L.loss_weight
+
+    def spy(weighting, *args):
+        seen.add(weighting)
+        return real(weighting, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(train.L, "loss_weight", spy)
+        for method in ("mm_alternating", "mm_instant"):
+            state, step, _ = train.distil_setup(cfg, method, 2, {}, task, net, net, precond, mesh)
+            eqx.filter_eval_shape(step, state, jr.key(0))
+    assert seen == {train.L.EDMWeight(1.3)}, seen
+    with pytest.raises(ValueError, match=r"sigma_data .* > 0; got -1.0"):
+        dataclasses.replace(TINY, mm_sigma_data=-1.0)
+
+
 @pytest.mark.parametrize("instant_steps, want", [(0, 30), (7, 7)])
 def test_instant_train_steps_sets_algorithm_3s_updates_only(instant_steps, want):
     """`Config.instant_train_steps` is Algorithm 3's number of updates (0: mm_train_steps); Algorithm 2 keeps

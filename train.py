@@ -216,7 +216,8 @@ def alternating_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> 
     return mmd.alternating_distiller(
         teacher, k=k, steps=c.train_steps("mm_alternating", k), schedule=task.schedule, lr=c.mm_lr,
         aux_lr=c.aux_lr(k) or None, weighting=c.weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift,
-        aux_steps=c.mm_aux_steps, b1=c.mm_b1, ema=c.mm_ema, student=net, aux_start=auxiliary_start(c, task, net))
+        aux_steps=c.mm_aux_steps, b1=c.mm_b1, ema=c.mm_ema, sigma_data=c.mm_sigma_data, student=net,
+        aux_start=auxiliary_start(c, task, net))
 
 
 def instant_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.Distiller:
@@ -230,7 +231,8 @@ def instant_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.
     return mmd.instant_distiller(
         teacher, precond, k=k, steps=c.train_steps("mm_instant", k), schedule=task.schedule, lr=c.instant_lr,
         weighting=weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift, nu_decay=c.nu_decay,
-        nu_batch_mult=c.nu_batch_mult, data_grad=data_grad, b1=c.mm_b1, ema=c.mm_ema, student=net)
+        nu_batch_mult=c.nu_batch_mult, data_grad=data_grad, b1=c.mm_b1, ema=c.mm_ema, sigma_data=c.mm_sigma_data,
+        student=net)
 
 
 def dmd2_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.Distiller:
