@@ -227,7 +227,8 @@ def instant_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.
     if precond is None:  # check_checkpoints: the state's structure only
         precond = jax.tree.map(jnp.ones_like, L.params(net))
     teacher, precond = instant_space(c, task, teacher, net, precond)
-    data_grad = data_moment(c, task, teacher, weighting) if c.instant_eq10 and teacher is not None else None
+    w = mmd.MMConfig(weighting=weighting, sigma_data=c.mm_sigma_data).loss_weighting  # the losses' w(s)
+    data_grad = data_moment(c, task, teacher, w) if c.instant_eq10 and teacher is not None else None
     return mmd.instant_distiller(
         teacher, precond, k=k, steps=c.train_steps("mm_instant", k), schedule=task.schedule, lr=c.instant_lr,
         weighting=weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift, nu_decay=c.nu_decay,
