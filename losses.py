@@ -352,35 +352,50 @@ def instant_nu(generator, teacher, precond, schedule: Schedule, batch_prime: Noi
     return sg(jax.tree.map(lambda lam, g: lam * g, precond, grad))
 
 
+def parameter_jvp(teacher, z_s, s, label, nu):
+    """`(g_theta(z_s), J_theta g_theta(z_s) nu)`: the teacher's prediction and its derivative along `nu` in its
+    parameters `params(teacher)` (one forward-mode pass), both stop-gradient."""
+    theta, rest = partition(teacher)
+
+    def predict(theta):
+        return apply(eqx.combine(theta, rest), z_s, s, label)
+
+    pred, j_nu = jax.jvp(predict, (theta,), (nu,))
+    return sg(pred), sg(j_nu)
+
+
+def instant_monitor(x, teacher_pred, j_nu, w, nu, data_grad=None):
+    """Sec. 5.4's informative loss: `1/2 g^T Lambda g'`, g and g' the teacher gradients of the two batches, an unbiased
+    estimate of Eq. 9, `1/2 ||E grad_theta L_theta||^2_Lambda` (with `data_grad` g0: `1/2 (g - g0)^T Lambda (g' -
+    g0)`, the same estimate of Eq. 10). `nu = Lambda g'` (minus `Lambda g0`) is the tangent of `j_nu`."""
+    monitor = -jnp.mean(w * inner(sg(x) - teacher_pred, j_nu))
+    if data_grad is not None:
+        monitor = monitor - 0.5 * sum(jnp.sum(g0 * n) for g0, n in zip(jax.tree.leaves(data_grad), jax.tree.leaves(nu)))
+    return monitor
+
+
 def instant_loss(generator, teacher, precond, schedule: Schedule, batch: Noised, batch_prime: Noised,
-                 weighting="edm", zs_sampling="posterior", sign=-1.0, data_grad=None, nu=None):
+                 weighting="edm", zs_sampling="posterior", data_grad=None, nu=None):
     """Eq. 8 / Algorithm 3: `-w(s) x~^T sg{J_theta g_theta(z_s) nu}`, `nu = Lambda grad_theta L_theta(x~', z_s')`.
+
+    The minus: one preconditioned step `phi = theta - lambda Lambda grad L` moves `g_phi - g_theta` by `-lambda J nu`,
+    so `(1/lambda) L_{phi(lambda)}(eta) -> -w x~^T J nu` (Eq. 7-8); Eq. 8 as printed drops it. Appendix A agrees:
+    the eta-gradient of this surrogate is exactly 1/2 the eta-gradient of Eq. 9 (`test_losses.py` proves both).
 
     **Arguments:**
     - `precond`: Lambda, a tree like `params(teacher)` (see `mmd.estimate_preconditioner`).
     - `batch`, `batch_prime`: two independent minibatches (B on which eta is trained, B' for nu).
-    - `sign`: -1 is correct. One preconditioned step `phi = theta - lambda Lambda grad L` moves
-      `g_phi - g_theta` by `-lambda J nu`, so `(1/lambda) L_{phi(lambda)}(eta) -> -w x~^T J nu` (Eq. 7-8);
-      Eq. 8 as printed drops that minus. Appendix A agrees: with sign -1, the eta-gradient of this
-      surrogate is exactly 1/2 the eta-gradient of Eq. 9 (`test_losses.py` proves both).
+    - `data_grad`: Eq. 10's g0 (`instant_nu`); `nu`: the tangent, if already computed (else `instant_nu`'s).
 
-    **Returns:** `(surrogate, monitor)`. The surrogate only carries gradients. `monitor` is
-    `1/2 g^T Lambda g'` with g, g' the teacher gradients of the two batches: an unbiased estimate of
-    Eq. 9, `1/2 ||E grad_theta L_theta||^2_Lambda`, the informative loss of Sec. 5.4.
+    **Returns:** `(surrogate, monitor)`. The surrogate only carries gradients; `monitor` is `instant_monitor`.
     """
     if nu is None:
         nu = instant_nu(generator, teacher, precond, schedule, batch_prime, weighting, zs_sampling, data_grad)
-
     x, z_s = generate(generator, schedule, batch, zs_sampling)
-    theta, rest = partition(teacher)
-    teacher_pred, j_nu = jax.jvp(lambda p: apply(eqx.combine(p, rest), z_s, batch.s, batch.label), (theta,), (nu,))
-    teacher_pred, j_nu = sg(teacher_pred), sg(j_nu)
+    teacher_pred, j_nu = parameter_jvp(teacher, z_s, batch.s, batch.label, nu)
     w = loss_weight(weighting, schedule, batch.s, sg(x), teacher_pred)
-    surrogate = sign * jnp.mean(w * inner(x, j_nu))
-    monitor = -jnp.mean(w * inner(sg(x) - teacher_pred, j_nu))
-    if data_grad is not None:  # 1/2 (g - g0)^T Lambda (g' - g0), the same estimate of Eq. 10
-        monitor = monitor - 0.5 * sum(jnp.sum(g0 * n) for g0, n in zip(jax.tree.leaves(data_grad), jax.tree.leaves(nu)))
-    return surrogate, monitor
+    surrogate = -jnp.mean(w * inner(x, j_nu))
+    return surrogate, instant_monitor(x, teacher_pred, j_nu, w, nu, data_grad)
 
 
 def eq9_moment(teacher, precond, schedule: Schedule, x, z_s, s, weighting="edm", label=None):
@@ -394,7 +409,7 @@ def eq9_moment(teacher, precond, schedule: Schedule, x, z_s, s, weighting="edm",
 
 
 def distribution_matching_loss(x, real_pred, fake_pred):
-    """DMD2's distribution matching loss with its normalisation; its x-gradient is `grad / (B D)`,
+    """DMD2 Sec. 3 (DMD's distribution matching gradient, official normalisation): its x-gradient is `grad / (B D)`,
 
     `grad = (x_fake(z) - x_real(z)) / mean_dims|x - x_real(z)|`, the loss `0.5 ||x - sg(x - grad)||^2`.
     """
@@ -404,20 +419,23 @@ def distribution_matching_loss(x, real_pred, fake_pred):
 
 
 def dmd_loss(x, real, fake, schedule: Schedule, t, noise, label=None):
-    """DMD2 generator loss on generator samples `x`: noise them to `t`, compare real and fake scores."""
+    """DMD2 Sec. 3-4.1, the generator's loss without DMD's regression term: noise samples `x` to `t` and follow the
+    difference of the fake and real scores there (`distribution_matching_loss`)."""
     z = sg(diffuse(schedule, x, t, noise))
     real_pred, fake_pred = sg(apply(real, z, t, label)), sg(apply(fake, z, t, label))
     return distribution_matching_loss(x, real_pred, fake_pred)
 
 
 def gan_generator_loss(head, fake, schedule: Schedule, x, t, noise, label=None):
-    """Non-saturating generator loss `softplus(-D(x))`, D = head on the fake score's features of noised x."""
+    """DMD2 Sec. 4.3, the generator's GAN term: non-saturating `softplus(-D(x))`, D a head on the fake score's
+    bottleneck features of noised x."""
     z = diffuse(schedule, x, t, noise)
     return jnp.mean(jax.nn.softplus(-jax.vmap(head)(features(fake, z, t, label))))
 
 
 def gan_discriminator_loss(head, fake, schedule: Schedule, x_real, x_fake, t_real, t_fake, keys, label_real=None, label_fake=None):
-    """Discriminator loss `softplus(D(fake)) + softplus(-D(real))`, both re-noised; gradients to head and fake."""
+    """DMD2 Sec. 4.3, the discriminator's loss `softplus(D(fake)) + softplus(-D(real))`, both re-noised; gradients
+    reach the head and the fake score's trunk."""
     k_r, k_f = keys
     z_r = diffuse(schedule, x_real, t_real, jr.normal(k_r, x_real.shape))
     z_f = diffuse(schedule, sg(x_fake), t_fake, jr.normal(k_f, x_fake.shape))

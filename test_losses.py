@@ -218,8 +218,9 @@ def small_world(seed):
 
 @eqx.filter_jit
 def _instant_grad(generator, teacher, precond, batch, batch_p, sign=-1.0):
-    f = lambda g: L.instant_loss(g, teacher, precond, SCHED, batch, batch_p, "edm", "posterior", sign)[0]
-    return tree_vec(eqx.filter_grad(f)(generator))
+    """The generator's gradient of Eq. 8's surrogate; `sign=1.0`: of Eq. 8 with the sign as printed (the negation)."""
+    f = lambda g: L.instant_loss(g, teacher, precond, SCHED, batch, batch_p, "edm", "posterior")[0]
+    return -sign * tree_vec(eqx.filter_grad(f)(generator))
 
 
 @eqx.filter_jit

@@ -129,7 +129,7 @@ def _flip_sign(algorithm, monkeypatch):
         monkeypatch.setattr(L, "moment_matching_loss", lambda *a: -orig(*a))
     elif algorithm == "instant":
         orig = L.instant_loss
-        monkeypatch.setattr(L, "instant_loss", lambda *a, **kw: orig(*a, **{**kw, "sign": 1.0}))
+        monkeypatch.setattr(L, "instant_loss", lambda *a, **kw: (lambda r: (-r[0], r[1]))(orig(*a, **kw)))
     else:
         orig = L.distribution_matching_loss
         monkeypatch.setattr(L, "distribution_matching_loss", lambda x, real, fake: orig(x, fake, real))
