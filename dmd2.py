@@ -146,7 +146,8 @@ def generator_input(generator, schedule: Schedule, x_real, key, cfg: DMD2Config,
 
 
 def critic_loss(critic: Critic, generator, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None, j=None):
-    """Fake-score diffusion loss on stop-gradient generator samples (+ weighted discriminator loss); `j`: the
+    """DMD2 Sec. 3, 4.2-4.3, the critic's loss: the fake score's diffusion loss on stop-gradient generator samples
+    (+ the weighted discriminator loss with the GAN term); `j`: the
     generator step whose samples `critic` (copy j of a per-step critic) sees (`drawn_step`)."""
     k_in, k_t, k_n, k_g = jr.split(key, 4)
     z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label, j)
@@ -163,7 +164,8 @@ def critic_loss(critic: Critic, generator, schedule: Schedule, x_real, key, cfg:
 
 def dmd2_generator_loss(generator, critic: Critic, real, schedule: Schedule, x_real, key, cfg: DMD2Config, label=None,
                         j=None):
-    """Distribution matching (+ weighted non-saturating GAN) loss of the generator; `j`: the generator step trained,
+    """DMD2 Sec. 4.1, 4.3, the generator's loss: distribution matching (`losses.dmd_loss`, + the weighted
+    non-saturating GAN term) at a step of its grid (Sec. 4.4-4.5); `j`: the generator step trained,
     whose critic (copy j of a per-step critic) is `critic` (`drawn_step`)."""
     k_in, k_t, k_n, k_g = jr.split(key, 4)
     z, t_j = generator_input(generator, schedule, x_real, k_in, cfg, label, j)
