@@ -50,7 +50,7 @@ DMD2_FIELDS = ("ttur", "gan", "backward_sim", "per_step_critic", "dmd2_grid", "d
 MM_FIELDS = ("zs_sampling", "weighting", "instant_weighting", "mm_train_steps", "mm_train_steps_per_k", "mm_lr",
              "instant_lr", "instant_train_steps", "mm_aux_steps", "mm_aux_lr",
              "mm_aux_lr_per_k", "mm_b1", "mm_ema", "precond_eps",
-             "instant_eq10", "nu_decay", "data_grad_batches", "nu_batch_mult", "step_grid")
+             "instant_eq10", "nu_decay", "data_grad_batches", "nu_batch_mult", "step_grid", "mm_sigma_data")
 
 
 def config_defaults():
