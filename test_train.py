@@ -59,12 +59,12 @@ def checkpoint_steps(out: Path):
 
 
 def no_timing(report):
-    """report.json without wall-clock times (sampling seconds, phase seconds), as a string."""
+    """report.json without wall-clock times (sampling seconds, phase and compile seconds), as a string."""
     rep = json.loads(json.dumps(report))
     for r in rep["samplers"].values():
         del r["sample_seconds"]
     for p in rep["phases"].values():
-        del p["seconds"]
+        del p["seconds"], p["compile_seconds"]
     return json.dumps(rep, sort_keys=True)  # strings, so NaN == NaN
 
 
