@@ -13,7 +13,7 @@ import pytest
 
 import dmd2
 import mmd
-from models import GaussianDenoiser, MLPDenoiser
+from models import MLPDenoiser
 from sampling import Schedule
 
 SCHED = Schedule()
