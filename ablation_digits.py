@@ -2,7 +2,7 @@
 
     python ablation_digits.py [--preset full] [--keys N] [--student-steps J] METHOD K SEEDS [name=value ...]
     python ablation_digits.py --run DIR [--keys N] [PHASE,...]
-    e.g.  python ablation_digits.py mm_instant 8 0,1,2 instant_weighting=edm
+    e.g.  python ablation_digits.py mm_instant 8 0,1,2 weighting=edm
           python ablation_digits.py dmd2 4 0,1 dmd2_train_steps=1000 dmd2_ema=0.99
           python ablation_digits.py --preset full --keys 8 mm_instant 8 0
 

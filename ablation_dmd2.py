@@ -2,12 +2,14 @@
 
     python ablation_dmd2.py VARIANT SEEDS      e.g.  python ablation_dmd2.py k=4_per_step_critic=0_grid=0 0,1,2
 
-VARIANT is `_`-separated `name=value` overrides of `train.PRESETS["default"]` (6,000 updates, no GAN, weight
-average 0.999: `k=4` is train.py's DMD2 k = 4; EXPERIMENTS.md's rows spell out every setting they changed): `k`, `per_step_critic`, `backward_sim`,
-`gan`, `dmd2_lr_decay` (0/1), `ttur`, `dmd2_train_steps` (integers), `dmd2_lr`, `gan_gen_weight` (floats),
-`times` (the generator's step times, `times=1:0.89:0.74:0.49`), `grid=0` (uniform) / `grid=1` (official). Each seed uses the cached default ring8
-teacher of `ablation_instant.py` (`python train.py --seed S`), trains DMD2 exactly as train.py does
-(`train.distil_setup`), keeping beside it a weight average of the generator (`train.ema_update`, decays
+VARIANT is `_`-separated `name=value` changes to `train.PRESETS["default"]` (6,000 updates, no GAN, weight
+average 0.999: `k=4` is train.py's DMD2 k = 4; EXPERIMENTS.md's rows spell out every setting they changed): `k`,
+the Config fields `backward_sim`, `gan` (0/1), `ttur`, `dmd2_train_steps` (integers), and arguments of
+`dmd2.dmd2_distiller` that no Config field sets: `per_step_critic`, `dmd2_lr_decay` (0/1: `lr_decay`), `dmd2_lr`
+(`lr`), `gan_gen_weight` (floats), `times` (the generator's step times, `times=1:0.89:0.74:0.49`), `grid=0`
+(uniform) / `grid=1` (official, train.py's). Each seed uses the cached default ring8 teacher of `ablation_instant.py`
+(`python train.py --seed S`), trains DMD2 exactly as train.py does (`train.distil_setup`), keeping beside it a
+weight average of the generator (`train.ema_update`, decays
 0.99 and 0.999; it does not change the training), samples 10,000 points with marginal re-noising from the
 last weights and from each average, and prints one JSON line each: MMD^2, mode TV, off-mode fraction.
 The `ema0.999` line is what train.py samples on toy data (`TOY_DMD2`); `last` is `dmd2_ema = 0`.
@@ -28,30 +30,37 @@ import parallel
 import train
 from ablation_instant import evaluate, setup
 
-BOOLS = ("per_step_critic", "backward_sim", "gan", "dmd2_lr_decay")
-FLOATS = ("dmd2_lr", "gan_gen_weight")
+BOOLS = ("per_step_critic", "backward_sim", "gan", "lr_decay")
+FLOATS = ("lr", "gan_gen_weight")
+CONFIG = ("backward_sim", "gan", "ttur", "dmd2_train_steps")  # the rest are dmd2_distiller's arguments
+RENAME = {"dmd2_lr": "lr", "dmd2_lr_decay": "lr_decay"}
 DECAYS = (0.99, 0.999)
 
 
 def parse(variant):
-    over = {}
+    """`(k, Config overrides, dmd2_distiller arguments)` of a VARIANT; `times` absent means train.py's grid."""
+    over, kw = {}, {}
     for name, val in re.findall(r"(?:^|_)([a-z][a-z0-9_]*?)=([0-9.:e-]+)", variant):
+        name = RENAME.get(name, name)
         if name == "grid":
-            over["dmd2_grid"] = "official" if int(val) else "uniform"
+            kw["times"] = "train" if int(val) else None
         elif name == "times":
-            over["dmd2_times"] = (tuple(float(v) for v in val.split(":")),)
+            kw["times"] = tuple(float(v) for v in val.split(":"))
         else:
-            over[name] = bool(int(val)) if name in BOOLS else float(val) if name in FLOATS else int(val)
-    return over.pop("k", 1), over
+            v = bool(int(val)) if name in BOOLS else float(val) if name in FLOATS else int(val)
+            (over if name in CONFIG or name == "k" else kw)[name] = v
+    if kw.get("times") == "train":
+        del kw["times"]
+    return over.pop("k", 1), over, kw
 
 
 def main(variant, seeds):
-    k, over = parse(variant)
+    k, over, kw = parse(variant)
     for seed in seeds:
         cfg, task, state, kd, ke = setup(seed)
         cfg = dataclasses.replace(cfg, **over, dmd2_ema=0.0)  # the averages are kept here, beside the run
         mesh = parallel.data_mesh(jax.devices()[:1])
-        st, step, num = train.distil_setup(cfg, "dmd2", k, {}, task, state.model, state.model, None, mesh)
+        st, step, num = train.distil_setup(cfg, "dmd2", k, {}, task, state.model, state.model, None, mesh, **kw)
         key = jr.fold_in(kd, 3)
 
         def body(carry, i):
@@ -64,7 +73,7 @@ def main(variant, seeds):
         st, emas = eqx.filter_jit(lambda c: train.mmd.scan_steps(body, c, jnp.arange(num)))(init)[0]
         secs = time.time() - t0
         for name, model in [("last", st.generator.model)] + [(f"ema{d}", e) for d, e in zip(DECAYS, emas)]:
-            res = evaluate(model, task, ke, k, step="marginal", times=train.dmd2_times(cfg, k, task))
+            res = evaluate(model, task, ke, k, step="marginal", times=kw.get("times", train.dmd2_times(k, task)))
             res.update(off_mode=1.0 - res.pop("prec"), secs=secs)
             print(variant, seed, name, json.dumps(res), flush=True)
 

@@ -66,7 +66,7 @@ def run_instant(cfg, task, teacher, precond, key, *, steps=None, lr=None, data_g
     The same maths as `mmd.instant_step` with `MMConfig.nu_decay` (which uses `optax.ema`); kept as written
     because its batch keys and operation order are the ones EXPERIMENTS.md's table was measured with.
     """
-    steps, lr, b = steps or cfg.train_steps("mm_instant", k), lr or cfg.instant_lr, cfg.batch
+    steps, lr, b = steps or cfg.train_steps("mm_instant", k), lr or 3e-4, cfg.batch
     opt = mmd.mm_optimiser(lr, steps, warmup=min(1000, steps // 10))
     sched = task.schedule
 
@@ -124,8 +124,8 @@ def main(variant, seeds):
     for seed in seeds:
         cfg, task, state, kd, ke = setup(seed)
         teacher = state.model
-        eps = cfg.precond_eps if peps is None else peps
-        precond = mmd.preconditioner_from_adam(state.player.opt_state, b2=mmd.TEACHER_B2, eps=eps)
+        eps = {} if peps is None else {"eps": peps}
+        precond = mmd.preconditioner_from_adam(state.player.opt_state, b2=mmd.TEACHER_B2, **eps)
         g0 = data_grad_of(task, teacher, jr.fold_in(kd, 77), nb=nbg, weighting=kw["weighting"]) if eq10 else None
         t0 = time.time()
         model, hist, emas = run_instant(cfg, task, teacher, precond, jr.fold_in(kd, 1), data_grad=g0, **kw)

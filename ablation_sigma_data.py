@@ -34,10 +34,10 @@ for seed in seeds:
     teacher, net, precond = train.frozen_teacher(cfg, task, state)
     for sd_name in sigmas:
         sd = sd_data if sd_name == "data" else float(sd_name)
-        c = dataclasses.replace(cfg, mm_sigma_data=sd)
         for i, method in enumerate(METHODS):  # train.phases order: the phase index i gives the key
             t0 = time.time()
-            st, step, num = train.distil_setup(c, method, 8, {}, task, teacher, net, precond, mesh)
+            st, step, num = train.distil_setup(cfg, method, 8, {}, task, teacher, net, precond, mesh,
+                                                sigma_data=sd)
             key = jr.fold_in(kd, i)
             st = eqx.filter_jit(lambda s: train.mmd.scan_steps(lambda s, j: step(s, jr.fold_in(key, j)), s,
                                                                jnp.arange(num)))(st)[0]

@@ -272,7 +272,7 @@ def teacher_ema_table(data="digits", steps=None, decays=(0.99, 0.995, 0.998, 0.9
         player, loss = mmd.teacher_step(player, x, k, optimiser=opt, schedule=task.schedule, label=lab)
         return (player, [train.ema_update(e, player.model, d, n1) for e, d in zip(emas, decays)], n1), {"loss": loss}
 
-    step = train.with_labels(fn, task, cfg.batch, mesh, dropout=cfg.p_uncond)
+    step = train.with_labels(fn, task, cfg.batch, mesh, dropout=train.P_UNCOND)
     net = task.network(jr.key(cfg.seed))
     state = (mmd.init_player(net, opt), [net] * len(decays), jnp.int32(0))
     advance = eqx.filter_jit(lambda st, keys: mmd.scan_steps(step, st, keys))

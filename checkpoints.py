@@ -39,18 +39,15 @@ CHECKPOINT_VERSION = 1  # bump when what a checkpoint holds changes; older check
 # Config fields the teacher phase depends on; a distillation phase depends on every field but NOT_TRAINING and
 # the other algorithm's fields (DMD2_FIELDS or MM_FIELDS).
 TEACHER_FIELDS = ("data", "dim", "teacher", "seed", "batch", "width", "depth", "teacher_steps", "teacher_lr",
-                  "teacher_ema", "image_width", "image_depth", "p_uncond")
+                  "teacher_ema")
 NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", "teacher_samplers", "n_samples",
-                "chunk", "classifier_cache")
+                "chunk")
 
 
 # Fields only DMD2 reads, and fields only the MM algorithms read: a phase of one does not depend on the other's.
-DMD2_FIELDS = ("ttur", "gan", "backward_sim", "per_step_critic", "dmd2_grid", "dmd2_times", "dmd2_train_steps",
-               "dmd2_lr", "dmd2_lr_decay", "gan_gen_weight", "dmd2_ema")
-MM_FIELDS = ("zs_sampling", "weighting", "instant_weighting", "mm_train_steps", "mm_train_steps_per_k", "mm_lr",
-             "instant_lr", "instant_train_steps", "mm_aux_steps", "mm_aux_lr",
-             "mm_aux_lr_per_k", "mm_b1", "mm_ema", "precond_eps",
-             "instant_eq10", "nu_decay", "data_grad_batches", "nu_batch_mult", "step_grid", "mm_sigma_data")
+DMD2_FIELDS = ("ttur", "gan", "backward_sim", "dmd2_train_steps", "dmd2_ema")
+MM_FIELDS = ("zs_sampling", "weighting", "mm_train_steps", "mm_train_steps_per_k", "mm_lr", "mm_aux_lr_per_k",
+             "instant_train_steps", "nu_batch_mult", "data_grad_batches", "mm_ema", "step_grid")
 
 
 def config_defaults():

@@ -17,7 +17,6 @@ from typing import Optional
 import data as D
 import dmd2
 import mmd
-import sampling
 import tasks
 
 DESCRIPTION = "`python train.py`: train a teacher, distil students with each algorithm, measure them against the truth."
@@ -42,60 +41,39 @@ class Config:
 
     data: str = "ring8"  # ring8 | gauss | gmm | digits | npz:PATH
     dim: Optional[int] = None  # data dimension for gauss / gmm (None: their defaults, 8 / 16)
-    teacher: str = "trained"  # trained (MLP) | exact (closed-form denoiser; students regressed onto it)
-    methods: tuple = METHODS
-    mm_steps: tuple = (8,)  # k for mm_alternating and mm_instant
-    dmd2_steps: tuple = (1, 4)  # k for dmd2
-    seed: int = 0
-    zs_sampling: str = "posterior"  # posterior | marginal (Sec. 5.2)
-    weighting: str = "auto"  # auto (flat for k <= 2, else edm; Sec. 3.3) | edm | flat | dmd
-    instant_weighting: str = "same"  # Algorithm 3's w(s): same (as `weighting`) | auto | edm | flat | dmd
+    teacher: str = "trained"  # trained (a network) | exact (the closed-form denoiser; students regressed onto it)
+    methods: tuple = METHODS  # which distillation algorithms run
+    mm_steps: tuple = (8,)  # k (sampling steps) of the mm_alternating and mm_instant students
+    dmd2_steps: tuple = (1, 4)  # k of the dmd2 students
+    seed: int = 0  # every key of the run derives from it
+    zs_sampling: str = "posterior"  # how the MM losses draw z_s: posterior | marginal (Sec. 5.2)
+    weighting: str = "auto"  # the MM losses' w(s): auto (flat for k <= 2, else edm; Sec. 3.3) | edm | flat | dmd
     ttur: int = 5  # DMD2 critic updates per generator update
-    gan: bool = True
-    backward_sim: bool = True
-    per_step_critic: bool = True  # DMD2, k > 1: a fake score per generator step (EXPERIMENTS.md#dmd2)
-    dmd2_grid: str = "official"  # DMD2 generator's step times: official (DMD2's 999/749/499/249, by log-SNR) | uniform
-    dmd2_times: Optional[tuple] = None  # DMD2: explicit step times, one tuple per k (overrides dmd2_grid for that k)
-    ablations: bool = False  # also run the marginal-z_s and no-GAN variants (claims table)
-    batch: int = 256
-    width: int = 128
-    depth: int = 3
-    teacher_steps: int = 8000
-    teacher_lr: float = 2e-3
-    teacher_ema: float = 0.0  # decay of the teacher's weight average (0: none, the last weights); see TeacherState
-    mm_train_steps: int = 3000
-    mm_train_steps_per_k: tuple = ()  # ((k, updates), ...): mm_train_steps for these k (fewer steps want more updates)
-    mm_lr: float = 1e-4
-    instant_lr: float = 3e-4
-    instant_train_steps: int = 0  # Algorithm 3's updates (0: mm_train_steps, the same as Algorithm 2's)
-    mm_aux_steps: int = 1  # Algorithm 2: auxiliary-model updates per generator update (1: strict alternation, as the paper)
-    mm_aux_lr: float = 0.0  # Algorithm 2: the auxiliary model's peak learning rate (0: mm_lr, one rate for both, as the paper)
-    mm_aux_lr_per_k: tuple = ()  # ((k, lr), ...): mm_aux_lr for these k (the rate that suits depends on k)
-    mm_b1: float = 0.0  # Adam's beta1 of the MM students and auxiliary model (0: no momentum, as the paper's App. B)
-    mm_ema: float = 0.0  # decay of the MM students' weight average, which is then sampled (0: the last weights, as the paper)
-    precond_eps: float = 1e-3  # guard of Lambda = 1 / (sqrt(v) + eps); see mmd.preconditioner_from_adam
-    instant_eq10: bool = True  # subtract the teacher's expected gradient on real data from nu (Eq. 10)
-    nu_decay: float = 0.97  # EMA of Algorithm 3's nu over updates (0: one batch, as printed)
-    data_grad_batches: int = 1000  # real batches averaged, once, for Eq. 10's data term (its error is a fixed bias)
+    gan: bool = True  # DMD2's GAN term
+    backward_sim: bool = True  # DMD2, k > 1: the generator's inputs come from its own earlier steps
+    ablations: bool = False  # also run the marginal-z_s and other-GAN variants (the report's claims table)
+    batch: int = 256  # examples per update
+    width: int = 128  # network width (MLP hidden units; UViT channels for images)
+    depth: int = 3  # network depth (MLP hidden layers; UViT transformer blocks for images)
+    teacher_steps: int = 8000  # teacher updates
+    teacher_lr: float = 2e-3  # teacher's peak learning rate
+    teacher_ema: float = 0.0  # decay of the teacher's weight average (0: none, the last weights)
+    mm_train_steps: int = 3000  # Algorithm 2's updates
+    mm_train_steps_per_k: tuple = ()  # ((k, updates), ...): Algorithm 2's updates for these k instead
+    mm_lr: float = 1e-4  # Algorithm 2's peak learning rate (generator and auxiliary model)
+    mm_aux_lr_per_k: tuple = ()  # ((k, lr), ...): Algorithm 2's auxiliary-model rate for these k instead of mm_lr
+    instant_train_steps: int = 3000  # Algorithm 3's updates
     nu_batch_mult: int = 2  # Algorithm 3's B' (the batch that gives nu) as a multiple of the batch B
-    mm_sigma_data: float = 0.5  # sigma_data of EDM's w(s) in the MM losses (mmd.MMConfig.sigma_data; EDM's 0.5)
-    dmd2_train_steps: int = 1000
-    dmd2_lr: float = 3e-4
-    dmd2_lr_decay: bool = False  # the generator's learning rate decays along a cosine to 0 (the critic's stays)
-    gan_gen_weight: float = 3e-3  # DMD2: weight of the generator's GAN loss (official ImageNet-64: 3e-3)
-    dmd2_ema: float = 0.99  # decay of the DMD2 generator's weight average, which is sampled (0: the last weights)
+    data_grad_batches: int = 1000  # real batches averaged, once, for Algorithm 3's data term (Eq. 10)
+    mm_ema: float = 0.0  # decay of the MM students' weight average, which is then sampled (0: the last weights)
     step_grid: str = "schedule"  # MM students' and teacher samplers' k-step grid: schedule (uniform in t) | cosine
-    # (uniform in the time of the unshifted cosine schedule: sampling.grid_times with shift 0; the same for toys)
-    teacher_ks: tuple = (1, 2, 4, 8, 1000)
+    dmd2_train_steps: int = 1000  # DMD2 generator updates
+    dmd2_ema: float = 0.99  # decay of the DMD2 generator's weight average, which is sampled (0: the last weights)
+    guidance: float = 0.0  # classifier-free guidance scale of the teacher (0: none; class-conditional images)
+    teacher_ks: tuple = (1, 2, 4, 8, 1000)  # k of the teacher's own samplers, the students' reference
     teacher_samplers: tuple = ("ancestral", "ddim")  # the teacher's samplers scored at each of teacher_ks
-    n_samples: int = 10_000
+    n_samples: int = 10_000  # samples drawn per student and sampler for the report
     chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
-    # images
-    image_width: int = 64
-    image_depth: int = 2
-    guidance: float = 0.0  # classifier-free guidance scale of the teacher (0: none)
-    p_uncond: float = 0.1  # label dropout when training a class-conditional teacher
-    classifier_cache: str = "runs/digits_classifier.eqx"
 
     def __post_init__(self):
         if not 0 <= self.guidance < float("inf"):
@@ -115,21 +93,16 @@ class Config:
                 raise ValueError(f"--guidance {self.guidance} needs class-conditional images (digits, npz with labels)")
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
             raise ValueError(f"--seed must be an integer in 0..2**32 - 1; got {self.seed!r}")
-        for f in ("ttur", "batch", "width", "depth", "teacher_steps", "mm_train_steps", "dmd2_train_steps",
-                  "n_samples", "chunk", "image_width", "image_depth", "data_grad_batches", "nu_batch_mult", "mm_aux_steps"):
+        for f in ("ttur", "batch", "width", "depth", "teacher_steps", "mm_train_steps", "instant_train_steps",
+                  "dmd2_train_steps", "n_samples", "chunk", "data_grad_batches", "nu_batch_mult"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be an integer >= 1; got {v!r}")
-        if not 0.0 <= self.mm_aux_lr < float("inf"):
-            raise ValueError(f"mm_aux_lr must be a finite number >= 0 (0: mm_lr); got {self.mm_aux_lr!r}")
         per_k("mm_train_steps_per_k", self.mm_train_steps_per_k, "(k, updates) pairs of integers >= 1",
               lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 1)
         per_k("mm_aux_lr_per_k", self.mm_aux_lr_per_k,
-              "(k, lr) pairs, k an integer >= 1 and lr a finite number >= 0 (0: mm_lr)",
-              lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= v < float("inf"))
-        v = self.instant_train_steps
-        if not isinstance(v, int) or isinstance(v, bool) or v < 0:
-            raise ValueError(f"instant_train_steps must be an integer >= 0 (0: mm_train_steps); got {v!r}")
+              "(k, lr) pairs, k an integer >= 1 and lr a finite number > 0",
+              lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v < float("inf"))
         for flag, xs in (("--methods", self.methods), ("--steps", self.mm_steps), ("--steps", self.dmd2_steps)):
             if len(set(xs)) < len(xs):  # one checkpoint per phase name: a repeated phase would resume its twin
                 raise ValueError(f"{flag} lists a value twice: {','.join(map(str, xs))}")
@@ -139,14 +112,6 @@ class Config:
                              f"got {self.teacher_samplers!r}")
         if self.step_grid not in ("schedule", "cosine"):
             raise ValueError(f"unknown step_grid {self.step_grid!r}; choose 'schedule' or 'cosine'")
-        if self.dmd2_grid not in ("official", "uniform"):
-            raise ValueError(f"unknown dmd2_grid {self.dmd2_grid!r}; choose 'official' or 'uniform'")
-        for times in self.dmd2_times or ():  # one tuple of input times per k; a k without one uses the uniform grid
-            if not isinstance(times, tuple) or not times:
-                raise ValueError(f"dmd2_times must be a tuple of tuples of step times; got {self.dmd2_times!r}")
-            sampling.check_step_times(times, len(times))
-        if not 0.0 <= self.mm_b1 < 1.0:
-            raise ValueError(f"mm_b1 (Adam's beta1) must be in [0, 1); got {self.mm_b1!r}")
         for f in ("teacher_ema", "dmd2_ema", "mm_ema"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ValueError(f"{f} (EMA decay) must be in [0, 1); got {getattr(self, f)}")
@@ -159,10 +124,7 @@ class Config:
             if not isinstance(k, int) or k < 1:
                 raise ValueError(f"every k (number of sampling steps) must be an integer >= 1; got {k!r}")
         mmd.MMConfig(weighting="edm" if self.weighting == "auto" else self.weighting, zs_sampling=self.zs_sampling)
-        if self.instant_weighting not in ("same", "auto"):
-            mmd.MMConfig(weighting=self.instant_weighting)
         dmd2.DMD2Config(ttur=self.ttur)
-        mmd.MMConfig(nu_decay=self.nu_decay, sigma_data=self.mm_sigma_data)
 
     @property
     def grid_shift(self):
@@ -170,17 +132,18 @@ class Config:
         return 0.0 if self.step_grid == "cosine" else None
 
     def train_steps(self, method: str, k: int) -> int:
-        """The number of updates of `method`'s k-step student: mm_train_steps, or its entry for k in
-        mm_train_steps_per_k; Algorithm 3 takes instant_train_steps where that is not 0."""
+        """The number of updates of `method`'s k-step student: dmd2_train_steps, instant_train_steps, or
+        mm_train_steps (its entry for k in mm_train_steps_per_k, if any)."""
         if method == "dmd2":
             return self.dmd2_train_steps
-        mm = dict(self.mm_train_steps_per_k).get(k, self.mm_train_steps)
-        return (self.instant_train_steps or mm) if method == "mm_instant" else mm
+        if method == "mm_instant":
+            return self.instant_train_steps
+        return dict(self.mm_train_steps_per_k).get(k, self.mm_train_steps)
 
-    def aux_lr(self, k: int) -> float:
-        """Algorithm 2's auxiliary-model peak learning rate for the k-step student: mm_aux_lr, or its entry for k in
-        mm_aux_lr_per_k (0: the generator's mm_lr, one rate for both)."""
-        return dict(self.mm_aux_lr_per_k).get(k, self.mm_aux_lr)
+    def aux_lr(self, k: int) -> Optional[float]:
+        """Algorithm 2's auxiliary-model peak learning rate for the k-step student: its entry in mm_aux_lr_per_k,
+        else None (the generator's mm_lr, one rate for both, as the paper)."""
+        return dict(self.mm_aux_lr_per_k).get(k)
 
 
 # Toy data: DMD2 trains 6,000 updates without its GAN term and samples its 0.999 weight average (EXPERIMENTS.md#dmd2).
@@ -189,36 +152,36 @@ PRESETS = {
     # `python train.py` (EXPERIMENTS.md#ring8-the-default-run-and-the-exact-teacher).
     "default": Config(**TOY_DMD2),
     # Seconds: the end-to-end tests.
-    "smoke": Config(width=32, depth=2, batch=128, teacher_steps=300, mm_train_steps=100, dmd2_train_steps=40,
-                    mm_steps=(4,), dmd2_steps=(1, 2), teacher_ks=(1, 2, 4, 8, 1000), chunk=50, n_samples=2000),
+    "smoke": Config(width=32, depth=2, batch=128, teacher_steps=300, mm_train_steps=100, instant_train_steps=100,
+                    dmd2_train_steps=40, mm_steps=(4,), dmd2_steps=(1, 2), chunk=50, n_samples=2000),
     # Every method at k = 1, 2, 4, 8 and the ablations of the claims table.
     "full": Config(mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True, **TOY_DMD2),
 }
-# Images (digits, npz:PATH): smaller batches of a larger network; 898 samples, the size of the FD reference.
+# Images (digits, npz:PATH): a small UViT; 898 samples, the size of the FD reference.
+IMAGE = dict(data="digits", width=64, depth=2, step_grid="cosine", weighting="flat", teacher_samplers=("ancestral",),
+             n_samples=898, data_grad_batches=100, nu_batch_mult=1)
 IMAGE_PRESETS = {
     # A 2-core CPU in about 17 minutes (EXPERIMENTS.md#digits-the-cpu-default-preset).
-    "default": Config(data="digits", batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=50, mm_lr=1e-3,
-                      instant_train_steps=600, step_grid="cosine", weighting="flat",
-                      dmd2_train_steps=150, dmd2_ema=0.0, gan=False, ttur=2, dmd2_steps=(1,),
-                      teacher_ks=(1, 2, 4, 8, 64, 256), teacher_samplers=("ancestral",), n_samples=898,
-                      chunk=100, data_grad_batches=100, nu_batch_mult=1, instant_weighting="flat", mm_ema=0.99),
+    "default": Config(**{**IMAGE, **dict(
+        batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=50, mm_lr=1e-3, instant_train_steps=600,
+        mm_ema=0.99, dmd2_train_steps=150, dmd2_ema=0.0, gan=False, ttur=2, dmd2_steps=(1,),
+        teacher_ks=(1, 2, 4, 8, 64, 256), chunk=100)}),
     # Seconds: the end-to-end tests of the image path.
-    "smoke": Config(data="digits", batch=32, image_width=32, image_depth=1, teacher_steps=60, mm_train_steps=20,
-                    dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8), n_samples=200, chunk=20,
-                    teacher_ema=0.9, teacher_samplers=("ancestral",)),
+    "smoke": Config(data="digits", width=32, depth=1, batch=32, teacher_steps=60, teacher_ema=0.9, mm_train_steps=20,
+                    instant_train_steps=20, dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8),
+                    teacher_samplers=("ancestral",), n_samples=200, chunk=20),
     # One GPU, meant for <= 15 minutes; quality measured on CPUs (EXPERIMENTS.md#digits-the-full-preset).
-    "full": Config(data="digits", batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999,
-                   mm_train_steps=300, mm_train_steps_per_k=((1, 1500), (2, 1500)), instant_train_steps=3000,
-                   step_grid="cosine", weighting="flat", mm_lr=1e-3, mm_aux_lr_per_k=((1, 3e-4),), mm_ema=0.9995,
-                   dmd2_train_steps=1000,
-                   teacher_ks=(1, 2, 4, 8, 16, 32, 64, 128, 256), n_samples=898, chunk=1000, mm_steps=(1, 2, 4, 8),
-                   dmd2_steps=(1, 2, 4, 8), ablations=True, instant_weighting="flat", data_grad_batches=100,
-                   nu_batch_mult=1),
+    "full": Config(**{**IMAGE, **dict(
+        batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999, mm_lr=1e-3, mm_train_steps=300,
+        mm_train_steps_per_k=((1, 1500), (2, 1500)), mm_aux_lr_per_k=((1, 3e-4),), instant_train_steps=3000,
+        mm_ema=0.9995, dmd2_train_steps=1000, mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8),
+        teacher_ks=(1, 2, 4, 8, 16, 32, 64, 128, 256), teacher_samplers=("ancestral", "ddim"), chunk=1000,
+        ablations=True)}),
 }
 
 
 def as_tuples(v):
-    """A JSON value with its lists (nested too: dmd2_times, mm_train_steps_per_k, mm_aux_lr_per_k) back as the
+    """A JSON value with its lists (nested too: mm_train_steps_per_k, mm_aux_lr_per_k) back as the
     Config's tuples."""
     return tuple(as_tuples(x) for x in v) if isinstance(v, list) else v
 

@@ -176,13 +176,15 @@ def init_alternating(teacher, optimiser, student=None) -> AlternatingState:
 
 
 @eqx.filter_jit
-def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig, optimiser, schedule: Schedule, label=None):
+def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig, optimiser, schedule: Schedule, label=None,
+                     x_gen=None, label_gen=None):
     """Iterations of Algorithm 2: `cfg.aux_steps` even ones (auxiliary g_phi) then an odd one (generator g_eta).
 
-    Each iteration draws its own times and noise from `key`; all use the data batch `x` `(B, *data)` (and
-    `label`). `optimiser`: one for both players or a pair `(generator's, auxiliary's)`. With `aux_steps` 1
-    this is the paper's strict alternation. Returns `(state, {"aux_loss", "gen_loss"})`, the auxiliary loss
-    that of its last update.
+    Each iteration draws its own times and noise from `key`; the auxiliary updates use the data batch `x`
+    `(B, *data)` (and `label`), the generator's `x_gen` (and `label_gen`), or `x` again when `x_gen` is None.
+    `optimiser`: one for both players or a pair `(generator's, auxiliary's)`. With `aux_steps` 1 this is the
+    paper's strict alternation. Returns `(state, {"aux_loss", "gen_loss"})`, the auxiliary loss that of its
+    last update.
     """
     k_aux, k_gen = jr.split(key)
     gen, aux = state.generator, state.aux
@@ -199,7 +201,9 @@ def alternating_step(state: AlternatingState, teacher, x, key, *, cfg: MMConfig,
     aux, aux_losses = scan_steps(aux_update, aux, jr.split(k_aux, cfg.aux_steps))
     aux_loss = aux_losses[-1]
 
-    batch = L.noised_batch(schedule, x, k_gen, cfg.k, label, cfg.time_grid, cfg.grid_shift)
+    if x_gen is None:
+        x_gen, label_gen = x, label
+    batch = L.noised_batch(schedule, x_gen, k_gen, cfg.k, label_gen, cfg.time_grid, cfg.grid_shift)
     gen_loss, grads = eqx.filter_value_and_grad(L.generator_loss)(
         gen.model, aux.model, teacher, schedule, batch, cfg.loss_weighting, cfg.zs_sampling
     )
@@ -457,7 +461,7 @@ def _grid(schedule, k, grid_shift):
 
 def alternating_distiller(teacher, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=1e-4, aux_lr=None,
                           weighting="auto", sigma_data=0.5, zs_sampling="posterior", grid_shift=None, aux_steps=1,
-                          b1=0.0, ema=0.0, student=None, aux_start=None) -> Distiller:
+                          b1=0.0, ema=0.0, fresh_data=False, student=None, aux_start=None) -> Distiller:
     """Algorithm 2 (alternating moment matching) for `teacher`, a frozen unbatched denoiser `teacher(z, t[, label])`.
 
     **Arguments:**
@@ -467,6 +471,8 @@ def alternating_distiller(teacher, *, k: int, steps: int, schedule: Schedule = S
     - `sigma_data`: the data's standard deviation in EDM's weight (EDM's 0.5 by default).
     - `zs_sampling`, `grid_shift`, `aux_steps`: `MMConfig`'s. `b1`: Adam's momentum (App. B: 0).
     - `ema`: decay of a weight average of the student, which `Distiller.student` then returns (0: none).
+    - `fresh_data`: the generator's update draws its own data batch, as the paper's Algorithm 2 draws data at every
+      iteration (a step then takes 2B examples: the first B for the auxiliary model); False: one batch for both.
     - `student`, `aux_start`: where generator and auxiliary model start (None: the teacher, Algorithm 2's Require).
     """
     cfg = MMConfig(k=k, weighting=auto_weighting(k) if weighting == "auto" else weighting, zs_sampling=zs_sampling,
@@ -480,10 +486,15 @@ def alternating_distiller(teacher, *, k: int, steps: int, schedule: Schedule = S
         return init_alternating(teacher if aux_start is None else aux_start, opt, student=student)
 
     def step(state, x, key, label=None):
-        return alternating_step(state, teacher, x, key, cfg=cfg, optimiser=opt, schedule=schedule, label=label)
+        if not fresh_data:
+            return alternating_step(state, teacher, x, key, cfg=cfg, optimiser=opt, schedule=schedule, label=label)
+        b = batch_size(x, 2, "alternating_distiller with fresh_data (two batches of B)")
+        lab, lab_gen = (None, None) if label is None else (label[:b], label[b:])
+        return alternating_step(state, teacher, x[:b], key, cfg=cfg, optimiser=opt, schedule=schedule, label=lab,
+                                x_gen=x[b:], label_gen=lab_gen)
 
     init, step = with_average(init, step, ema)
-    return Distiller(init, step, k, schedule, steps, "ancestral", _grid(schedule, k, grid_shift))
+    return Distiller(init, step, k, schedule, steps, "ancestral", _grid(schedule, k, grid_shift), 1 + fresh_data)
 
 
 def instant_distiller(teacher, precond, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=3e-4,

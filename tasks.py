@@ -18,6 +18,8 @@ from models import MLPDenoiser
 from uvit import ImageDenoiser
 from sampling import Schedule
 
+CLASSIFIER_CACHE = "runs/digits_classifier.eqx"  # the digits classifier of the image metrics, trained once
+
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class Task:
@@ -75,11 +77,11 @@ def image_task(cfg) -> Task:
         return images_j[idx], None if labels_j is None else labels_j[idx]
 
     def network(key):
-        return ImageDenoiser(size, channels, num_classes=num_classes, width=cfg.image_width, depth=cfg.image_depth,
+        return ImageDenoiser(size, channels, num_classes=num_classes, width=cfg.width, depth=cfg.depth,
                              schedule=schedule, key=key)
 
     if images.shape[1:] == (8, 8, 1) and num_classes == 10:
-        classifier = M.load_or_train_classifier(str(cfg.classifier_cache), seed=0)
+        classifier = M.load_or_train_classifier(CLASSIFIER_CACHE, seed=0)
         ref = D.digits_halves(0)[1][0] if cfg.data == "digits" else images  # the reference half (digits)
 
         def evaluate(x, lab, key):
@@ -98,7 +100,7 @@ def image_task(cfg) -> Task:
             return {"fd": M.frechet_distance(flat[perm[: n_img // 2]], flat[perm[n_img // 2:]])}
 
     return Task(name=cfg.data, shape=tuple(images.shape[1:]), num_classes=num_classes, schedule=schedule, draw=draw,
-                network=network, feat_dim=cfg.image_width, evaluate=evaluate, floor=floor, primary="fd")
+                network=network, feat_dim=cfg.width, evaluate=evaluate, floor=floor, primary="fd")
 
 
 def is_image_data(name: str) -> bool:

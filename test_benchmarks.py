@@ -98,7 +98,7 @@ def test_score_run_gives_the_report_and_trains_nothing(tmp_path, capsys):
     """ablation_digits --run: a run with an unfinished phase is refused and left as it was; once finished, key 0
     reproduces report.json's figures; a phase the run lacks is refused by name."""
     cfg = dataclasses.replace(train.IMAGE_PRESETS["smoke"], methods=("mm_alternating",), teacher_steps=20,
-                              mm_train_steps=20, teacher_ks=(1,), n_samples=100, chunk=10)
+                              mm_train_steps=20, instant_train_steps=20, teacher_ks=(1,), n_samples=100, chunk=10)
     with pytest.raises(train.Stop):  # the teacher's two chunks and the student's first of two, then stop
         train.main(cfg, train.Run(tmp_path, max_chunks=3))
     before = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}

@@ -85,7 +85,7 @@ def test_student_phase_returns_the_ema_of_its_weights(method, k, field, tmp_path
     average does not change the training."""
     import tasks  # noqa: PLC0415
 
-    cfg = dataclasses.replace(TINY, dmd2_train_steps=5, mm_train_steps=5, chunk=1, data_grad_batches=2, **{field: 0.7})
+    cfg = dataclasses.replace(TINY, dmd2_train_steps=5, mm_train_steps=5, instant_train_steps=5, chunk=1, data_grad_batches=2, **{field: 0.7})
     task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
     net = train.teacher_setup(cfg, task, mesh)[0].model
     seen, real_save = [], train.Run.save_phase
@@ -138,12 +138,14 @@ def test_instant_phase_draws_b_and_b_prime(mult):
     assert sizes == [(cfg.batch, mult * cfg.batch)]
 
 
-@pytest.mark.parametrize("instant, want", [("same", "edm"), ("flat", "flat"), ("auto", "flat")])
-def test_instant_weighting_applies_to_algorithm_3_only(instant, want):
-    """`Config.instant_weighting` sets Algorithm 3's w(s) (and its data term's); Algorithm 2 keeps `weighting`."""
+@pytest.mark.parametrize("kw, want", [({}, "edm"), ({"weighting": "flat"}, "flat"), ({"weighting": "auto"}, "flat")])
+def test_setup_keywords_override_the_config(kw, want):
+    """A setup's keyword arguments (`train.distil_setup(..., **kw)`, what the ablation drivers pass) go to the
+    distiller over the Config's values: `weighting` given to Algorithm 3 sets its w(s) and its data term's (auto:
+    flat at k = 2); Algorithm 2 without them keeps `Config.weighting`."""
     import tasks  # noqa: PLC0415
 
-    cfg = dataclasses.replace(TINY, weighting="edm", instant_weighting=instant, data_grad_batches=2)
+    cfg = dataclasses.replace(TINY, weighting="edm", data_grad_batches=2)
     task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
     net = train.teacher_setup(cfg, task, mesh)[0].model
     precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
@@ -159,21 +161,21 @@ def test_instant_weighting_applies_to_algorithm_3_only(instant, want):
         for name in ("instant_step", "alternating_step"):
             mp.setattr(train.mmd, name, spy(name, getattr(train.mmd, name)))
         mp.setattr(train, "data_moment", lambda cfg, task, teacher, w: seen.setdefault("data_moment", w) and None)
-        for method in ("mm_instant", "mm_alternating"):
-            state, step, _ = train.distil_setup(cfg, method, 2, {}, task, net, net, precond, mesh)
+        for method, extra in (("mm_instant", kw), ("mm_alternating", {})):
+            state, step, _ = train.distil_setup(cfg, method, 2, {}, task, net, net, precond, mesh, **extra)
             step(state, jr.key(0))
     assert seen == {"instant_step": want, "data_moment": want, "alternating_step": "edm"}
     with pytest.raises(ValueError, match="unknown weighting 'bogus'"):
-        dataclasses.replace(TINY, instant_weighting="bogus")
+        dataclasses.replace(TINY, weighting="bogus")
 
 
-def test_mm_sigma_data_reaches_every_mm_loss():
-    """`Config.mm_sigma_data` is the sigma_data of EDM's w(s) in every loss of Algorithm 2 and 3 and in Eq. 10's data
-    term: a spy on `losses.loss_weight` sees `losses.EDMWeight(1.3)` and nothing else while both phases take a step;
-    a value <= 0 is refused."""
+def test_sigma_data_reaches_every_mm_loss():
+    """The distillers' `sigma_data` is the sigma_data of EDM's w(s) in every loss of Algorithm 2 and 3 and in Eq. 10's
+    data term: a spy on `losses.loss_weight` sees `losses.EDMWeight(1.3)` and nothing else while both phases take a
+    step; a value <= 0 is refused."""
     import tasks  # noqa: PLC0415
 
-    cfg = dataclasses.replace(TINY, weighting="edm", mm_sigma_data=1.3, data_grad_batches=2)
+    cfg = dataclasses.replace(TINY, weighting="edm", data_grad_batches=2)
     task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
     net = train.teacher_setup(cfg, task, mesh)[0].model
     precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
@@ -186,44 +188,28 @@ def test_mm_sigma_data_reaches_every_mm_loss():
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train.L, "loss_weight", spy)
         for method in ("mm_alternating", "mm_instant"):
-            state, step, _ = train.distil_setup(cfg, method, 2, {}, task, net, net, precond, mesh)
+            state, step, _ = train.distil_setup(cfg, method, 2, {}, task, net, net, precond, mesh, sigma_data=1.3)
             eqx.filter_eval_shape(step, state, jr.key(0))
     assert seen == {train.L.EDMWeight(1.3)}, seen
     with pytest.raises(ValueError, match=r"sigma_data .* > 0; got -1.0"):
-        dataclasses.replace(TINY, mm_sigma_data=-1.0)
+        train.mmd.alternating_distiller(net, k=2, steps=10, sigma_data=-1.0)
 
 
-@pytest.mark.parametrize("instant_steps, want", [(0, 30), (7, 7)])
-def test_instant_train_steps_sets_algorithm_3s_updates_only(instant_steps, want):
-    """`Config.instant_train_steps` is Algorithm 3's number of updates (0: mm_train_steps); Algorithm 2 keeps
-    mm_train_steps. Negative counts are rejected with the value."""
+@pytest.mark.parametrize("per_k", [(), ((1, 11),)])
+def test_train_steps_per_algorithm_and_k(per_k):
+    """`Config.instant_train_steps` is Algorithm 3's number of updates, `mm_train_steps` Algorithm 2's, replaced for
+    the k that `mm_train_steps_per_k` names (and only for Algorithm 2); bad pairs are rejected by value."""
     import tasks  # noqa: PLC0415
 
-    cfg = dataclasses.replace(TINY, mm_train_steps=30, instant_train_steps=instant_steps, data_grad_batches=2)
-    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
-    net = train.teacher_setup(cfg, task, mesh)[0].model
-    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
-    steps = {m: train.distil_setup(cfg, m, 2, {}, task, net, net, precond, mesh)[2] for m in ("mm_instant", "mm_alternating")}
-    assert steps == {"mm_instant": want, "mm_alternating": 30}
-    with pytest.raises(ValueError, match=r"instant_train_steps must be an integer >= 0 \(0: mm_train_steps\); got -1"):
-        dataclasses.replace(TINY, instant_train_steps=-1)
-
-
-@pytest.mark.parametrize("instant_steps", [0, 7])
-def test_mm_train_steps_per_k_sets_the_updates_of_the_named_k(instant_steps):
-    """`Config.mm_train_steps_per_k` replaces mm_train_steps for the k it names (both MM algorithms; Algorithm 3
-    only while instant_train_steps is 0), every other k keeps mm_train_steps; bad pairs are rejected by value."""
-    import tasks  # noqa: PLC0415
-
-    cfg = dataclasses.replace(TINY, mm_train_steps=30, mm_train_steps_per_k=((1, 11),),
-                              instant_train_steps=instant_steps, data_grad_batches=2)
+    cfg = dataclasses.replace(TINY, mm_train_steps=30, mm_train_steps_per_k=per_k, instant_train_steps=7,
+                              data_grad_batches=2)
     task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
     net = train.teacher_setup(cfg, task, mesh)[0].model
     precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
     steps = {(m, k): train.distil_setup(cfg, m, k, {}, task, net, net, precond, mesh)[2]
              for m in ("mm_instant", "mm_alternating") for k in (1, 2)}
-    assert steps == {("mm_instant", 1): instant_steps or 11, ("mm_instant", 2): instant_steps or 30,
-                     ("mm_alternating", 1): 11, ("mm_alternating", 2): 30}
+    assert steps == {("mm_instant", 1): 7, ("mm_instant", 2): 7, ("mm_alternating", 1): 11 if per_k else 30,
+                     ("mm_alternating", 2): 30}
     for bad in (((1, 0),), ((0, 5),), ((1,),), ((1, 5.0),), ([1, 5],), 5):
         with pytest.raises(ValueError, match=re.escape(f"(k, updates) pairs of integers >= 1; got {bad!r}")):
             dataclasses.replace(TINY, mm_train_steps_per_k=bad)
@@ -232,11 +218,11 @@ def test_mm_train_steps_per_k_sets_the_updates_of_the_named_k(instant_steps):
 
 
 def test_resume_reads_nested_tuples_back(tmp_path):
-    """config.json stores tuples of tuples (mm_train_steps_per_k, dmd2_times) as lists of lists; `--resume` gives
-    them back as the tuples they were, so the resumed Config equals the saved one."""
+    """config.json stores tuples of tuples (mm_train_steps_per_k, mm_aux_lr_per_k) as lists of lists; `--resume`
+    gives them back as the tuples they were, so the resumed Config equals the saved one."""
     import json  # noqa: PLC0415
 
-    cfg = dataclasses.replace(TINY, mm_train_steps_per_k=((1, 11), (2, 5)), dmd2_times=((0.9, 0.4),))
+    cfg = dataclasses.replace(TINY, mm_train_steps_per_k=((1, 11), (2, 5)), mm_aux_lr_per_k=((2, 1e-3),))
     (tmp_path / "config.json").write_text(json.dumps(dataclasses.asdict(cfg)))
     assert train.parse(["--resume", str(tmp_path)])[0] == cfg
 
@@ -248,20 +234,18 @@ def _update_count(player):
     return counts[0]
 
 
-@pytest.mark.parametrize("aux_steps, aux_lr, per_k", [(1, 0.0, ()), (3, 0.0, ()), (1, 5e-3, ()), (3, 5e-3, ()),
-                                                       (1, 0.0, ((2, 5e-3),)), (1, 5e-3, ((2, 0.0), (1, 7e-3))),
-                                                       (1, 0.0, ((1, 5e-3),))])
-def test_mm_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedule(aux_steps, aux_lr, per_k):
-    """`Config.mm_aux_steps` auxiliary updates per generator update (Algorithm 2), each counted by the auxiliary
-    model's own optimiser; with more than one, or with `mm_aux_lr` (or its entry for this k in `mm_aux_lr_per_k`),
-    that optimiser's schedule runs over the auxiliary model's own number of updates (mm_train_steps x
-    mm_aux_steps) at its own peak rate, so its learning rate is not spent before the generator's. The defaults
-    (1, 0, none) keep the one shared optimiser of the paper; an entry for another k changes nothing here."""
+@pytest.mark.parametrize("aux_steps, per_k", [(1, ()), (3, ()), (1, ((2, 5e-3),)), (3, ((2, 5e-3),)),
+                                            (1, ((1, 5e-3),))])
+def test_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedule(aux_steps, per_k):
+    """`aux_steps` auxiliary updates per generator update (Algorithm 2; the distiller's argument), each counted by
+    the auxiliary model's own optimiser; with more than one, or with an auxiliary rate for this k
+    (`Config.mm_aux_lr_per_k`), that optimiser's schedule runs over the auxiliary model's own number of updates
+    (mm_train_steps x aux_steps) at its own peak rate, so its learning rate is not spent before the generator's.
+    The defaults (1, none) keep the one shared optimiser of the paper; an entry for another k changes nothing."""
     import tasks  # noqa: PLC0415
 
-    cfg = dataclasses.replace(TINY, mm_train_steps=20, mm_aux_steps=aux_steps, mm_aux_lr=aux_lr,
-                              mm_aux_lr_per_k=per_k)
-    aux_lr = dict(per_k).get(2, aux_lr)  # the student below has k = 2
+    cfg = dataclasses.replace(TINY, mm_train_steps=20, mm_aux_lr_per_k=per_k)
+    aux_lr = dict(per_k).get(2)  # the student below has k = 2
     task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
     net = train.teacher_setup(cfg, task, mesh)[0].model
     made = []
@@ -269,19 +253,19 @@ def test_mm_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedu
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(train.mmd, "mm_optimiser",
                    lambda lr, n, warmup, b1: made.append((lr, n, warmup, b1)) or real(lr, n, warmup, b1=b1))
-        state, step, num = train.distil_setup(cfg, "mm_alternating", 2, {}, task, net, net, None, mesh)
+        state, step, num = train.distil_setup(cfg, "mm_alternating", 2, {}, task, net, net, None, mesh,
+                                              aux_steps=aux_steps)
     for i in range(2):
         state, metrics = step(state, jr.key(i))
     inner = state.state if isinstance(state, train.Averaged) else state
     assert (_update_count(inner.generator), _update_count(inner.aux)) == (2, 2 * aux_steps)
     assert num == 20 and bool(jnp.isfinite(metrics["aux_loss"])) and bool(jnp.isfinite(metrics["gen_loss"]))
-    own = [] if (aux_steps, aux_lr) == (1, 0.0) else [(aux_lr or cfg.mm_lr, 20 * aux_steps, 2 * aux_steps, 0.0)]
+    own = [] if (aux_steps, aux_lr) == (1, None) else [(aux_lr or cfg.mm_lr, 20 * aux_steps, 2 * aux_steps, 0.0)]
     assert made == [(cfg.mm_lr, 20, 2, 0.0)] + own
-    with pytest.raises(ValueError, match=r"mm_aux_lr must be a finite number >= 0 \(0: mm_lr\); got -0.001"):
-        dataclasses.replace(TINY, mm_aux_lr=-1e-3)
-    for bad in (((2, -1e-3),), ((0, 1e-3),), ((2,),), ((2, float("nan")),), ((2.0, 1e-3),), ((2, True),), 5):
-        with pytest.raises(ValueError, match=re.escape(f"(k, lr) pairs, k an integer >= 1 and lr a finite number >= 0 "
-                                                       f"(0: mm_lr); got {bad!r}")):
+    for bad in (((2, -1e-3),), ((2, 0.0),), ((0, 1e-3),), ((2,),), ((2, float("nan")),), ((2.0, 1e-3),),
+                ((2, True),), 5):
+        with pytest.raises(ValueError, match=re.escape(f"(k, lr) pairs, k an integer >= 1 and lr a finite number > 0; "
+                                                       f"got {bad!r}")):
             dataclasses.replace(TINY, mm_aux_lr_per_k=bad)
     with pytest.raises(ValueError, match=r"mm_aux_lr_per_k names a k twice: \(\(1, 0.001\), \(1, 0.002\)\)"):
         dataclasses.replace(TINY, mm_aux_lr_per_k=((1, 1e-3), (1, 2e-3)))
@@ -291,7 +275,7 @@ def test_mm_aux_steps_and_lr_give_the_auxiliary_model_its_own_updates_and_schedu
 
 @pytest.mark.parametrize("b1", [0.0, 0.9])
 def test_mm_optimiser_b1_is_adams_momentum(b1):
-    """`mm_optimiser(b1=...)` (`Config.mm_b1`) is Adam's first-moment decay. With gradients g, then -g: the first
+    """`mm_optimiser(b1=...)` (the distillers' `b1`) is Adam's first-moment decay. With gradients g, then -g: the first
     update is 0 (warm-up from 0), the second moves every coordinate by lr (1 - b1) / (1 + b1) along sign(g),
     since Adam's bias-corrected moments are then m = -(1 - b1) / (1 + b1) g and v = g^2. Without momentum (the
     paper's b1 = 0) that is a full step of lr; with b1 = 0.9 one of 0.053 lr: the noise of successive gradients
@@ -304,9 +288,6 @@ def test_mm_optimiser_b1_is_adams_momentum(b1):
     u2, state = opt.update(jax.tree.map(jnp.negative, g), state, g)
     np.testing.assert_allclose(u1["w"], 0.0, atol=1e-12)
     np.testing.assert_allclose(u2["w"], lr * (1 - b1) / (1 + b1) * jnp.sign(g["w"]), rtol=1e-5)
-    with pytest.raises(ValueError, match=r"mm_b1 \(Adam's beta1\) must be in \[0, 1\); got 1.0"):
-        dataclasses.replace(TINY, mm_b1=1.0)
-    assert train.phase_fields(dataclasses.replace(TINY, mm_b1=b1), "mm_alternating_k2")["mm_b1"] == b1
 
 
 def test_config_step_grid():
@@ -317,7 +298,7 @@ def test_config_step_grid():
     assert train.step_times(cos, "mm_alternating", 4, task) == want == train.step_times(cos, "teacher", 4, task)
     assert want != tuple(1.0 - i / 4 for i in range(4))
     assert train.step_times(dataclasses.replace(cos, step_grid="schedule"), "mm_instant", 4, task) is None
-    assert train.step_times(cos, "dmd2", 4, task) == train.dmd2_times(cos, 4, task)
+    assert train.step_times(cos, "dmd2", 4, task) == train.dmd2_times(4, task)
     with pytest.raises(ValueError, match="unknown step_grid 'karras'; choose 'schedule' or 'cosine'"):
         dataclasses.replace(TINY, step_grid="karras")
 
@@ -329,7 +310,7 @@ def test_config_rejects_unknown_or_repeated_teacher_samplers(samplers):
         dataclasses.replace(TINY, teacher_samplers=samplers)
 
 
-@pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps", "mm_aux_steps"])
+@pytest.mark.parametrize("field", ["data_grad_batches", "nu_batch_mult", "mm_train_steps", "instant_train_steps"])
 def test_config_rejects_counts_below_one(field):
     with pytest.raises(ValueError, match=f"{field} must be an integer >= 1; got 0"):
         dataclasses.replace(TINY, **{field: 0})

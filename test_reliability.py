@@ -33,7 +33,8 @@ import train
 
 HERE = Path(__file__).resolve().parent
 TINY = dataclasses.replace(
-    train.PRESETS["smoke"], width=16, depth=1, batch=32, teacher_steps=40, mm_train_steps=30, dmd2_train_steps=20,
+    train.PRESETS["smoke"], width=16, depth=1, batch=32, teacher_steps=40, mm_train_steps=30, instant_train_steps=30,
+    dmd2_train_steps=20,
     mm_steps=(2,), dmd2_steps=(1,), ttur=2, teacher_ks=(1,), n_samples=1000, chunk=10,
 )
 
@@ -197,10 +198,10 @@ def test_a_phase_resumes_across_changes_of_fields_it_does_not_read(phase, tmp_pa
     save(run, phase, state, stale)
     assert run.load_phase(phase, state, train.phase_fields(TINY, phase))[1] == 10
     # a field added to Config after the checkpoint was written: it was trained at the field's default
-    new = "gan_gen_weight" if dmd2_phase else "step_grid"
+    new = "dmd2_ema" if dmd2_phase else "step_grid"
     save(run, phase, state, {k: v for k, v in train.phase_fields(TINY, phase).items() if k != new})
     assert run.load_phase(phase, state, train.phase_fields(TINY, phase))[1] == 10
-    other = dict(gan_gen_weight=0.5) if dmd2_phase else dict(step_grid="cosine")
+    other = dict(dmd2_ema=0.5) if dmd2_phase else dict(step_grid="cosine")
     with pytest.raises(ValueError, match=f"{new} = {getattr(TINY, new)!r} there, {other[new]!r} in this run"):
         run.load_phase(phase, state, train.phase_fields(dataclasses.replace(TINY, **other), phase))
 

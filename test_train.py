@@ -29,7 +29,8 @@ HERE = Path(__file__).resolve().parent
 
 # Small enough to train in seconds, large enough that every phase has several chunks (so a run can stop mid-phase).
 TINY = dataclasses.replace(
-    train.PRESETS["smoke"], width=16, depth=1, batch=32, teacher_steps=40, mm_train_steps=30, dmd2_train_steps=20,
+    train.PRESETS["smoke"], width=16, depth=1, batch=32, teacher_steps=40, mm_train_steps=30, instant_train_steps=30,
+    dmd2_train_steps=20,
     mm_steps=(2,), dmd2_steps=(1,), ttur=2, teacher_ks=(1,), n_samples=1000, chunk=10, teacher_ema=0.9,
 )  # teacher_ema > 0: the resume test below then covers the weight average too
 SAMPLERS = {"teacher_ancestral", "teacher_ddim", *train.METHODS}

@@ -152,6 +152,9 @@ class TeacherState(eqx.Module):
         return self.player.model if self.ema is None else self.ema
 
 
+P_UNCOND = 0.1  # label dropout of a class-conditional teacher: what guidance's unconditional prediction learns from
+
+
 def teacher_setup(cfg: Config, task: tasks.Task, mesh):
     """The teacher phase's initial state and step function: a network trained on the data, or (exact) regressed
     onto the closed-form denoiser, as a `TeacherState` whose `.model` (the EMA when `cfg.teacher_ema > 0`) is the
@@ -169,7 +172,7 @@ def teacher_setup(cfg: Config, task: tasks.Task, mesh):
         ema = None if st.ema is None else mmd.ema_update(st.ema, player.model, cfg.teacher_ema, n)
         return TeacherState(player, ema, n), {"loss": loss}
 
-    step = with_labels(fn_ema, task, cfg.batch, mesh, dropout=cfg.p_uncond)
+    step = with_labels(fn_ema, task, cfg.batch, mesh, dropout=P_UNCOND)
     net = task.network(jr.key(cfg.seed))
     state = TeacherState(mmd.init_player(net, opt), net if cfg.teacher_ema > 0 else None, jnp.int32(0))
     return parallel.replicate(state, mesh), step
@@ -182,7 +185,7 @@ def frozen_teacher(cfg: Config, task: tasks.Task, state: TeacherState):
     net = state.model
     precond = None
     if "mm_instant" in cfg.methods:  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the network
-        precond = mmd.preconditioner_from_adam(state.player.opt_state, b2=mmd.TEACHER_B2, eps=cfg.precond_eps)
+        precond = mmd.preconditioner_from_adam(state.player.opt_state, b2=mmd.TEACHER_B2)
     teacher, precond = guided(cfg, net if cfg.teacher == "trained" else task.exact, precond)
     return teacher, net, precond
 
@@ -192,13 +195,11 @@ def train_teacher(run, cfg: Config, task: tasks.Task, mesh, key):
     return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk, phase_fields(cfg, "teacher"))
 
 
-def dmd2_times(cfg: Config, k, task: tasks.Task):
-    """The DMD2 generator's k step times: `cfg.dmd2_times`' tuple of length k if any, else `cfg.dmd2_grid`'s
-    (None for uniform; official: `sampling.dmd2_official_times` with the data's variance, averaged over
-    coordinates, of 10,000 examples)."""
-    given = next((t for t in cfg.dmd2_times or () if len(t) == k), None)
-    if given is not None or cfg.dmd2_grid == "uniform" or k == 1:
-        return given
+def dmd2_times(k, task: tasks.Task):
+    """The DMD2 generator's k step times on the official grid (`sampling.dmd2_official_times`, DMD2's 999/749/...
+    at the data's scale: its variance, averaged over coordinates, of 10,000 examples); None (t = 1) for k = 1."""
+    if k == 1:
+        return None
     x = np.asarray(task.draw(jr.key(0), 10_000)[0], np.float64)
     return sampling.dmd2_official_times(task.schedule, k, float(np.mean(np.var(x, axis=0))))
 
@@ -207,51 +208,56 @@ def step_times(cfg: Config, method, k, task: tasks.Task):
     """The k input times a sampler of `method` (a `METHODS` student or "teacher") steps through: DMD2's
     `dmd2_times`, else `cfg.step_grid`'s (None: the uniform grid)."""
     if method == "dmd2":
-        return dmd2_times(cfg, k, task)
+        return dmd2_times(k, task)
     return None if cfg.grid_shift is None else sampling.grid_times(task.schedule, k, cfg.grid_shift)
 
 
-def alternating_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.Distiller:
+# Each setup builds one algorithm's `Distiller` from a Config. Keyword arguments `**kw` go to the distiller's
+# constructor over the Config's values: the ablation drivers vary there what no Config field sets.
+
+
+def alternating_setup(c: Config, k, task: tasks.Task, teacher, net, precond, **kw) -> mmd.Distiller:
     """Algorithm 2 with `c`'s settings: generator from `net`, auxiliary model from the teacher (`auxiliary_start`)."""
-    return mmd.alternating_distiller(
-        teacher, k=k, steps=c.train_steps("mm_alternating", k), schedule=task.schedule, lr=c.mm_lr,
-        aux_lr=c.aux_lr(k) or None, weighting=c.weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift,
-        aux_steps=c.mm_aux_steps, b1=c.mm_b1, ema=c.mm_ema, sigma_data=c.mm_sigma_data, student=net,
-        aux_start=auxiliary_start(c, task, net))
+    return mmd.alternating_distiller(teacher, **{**dict(
+        k=k, steps=c.train_steps("mm_alternating", k), schedule=task.schedule, lr=c.mm_lr, aux_lr=c.aux_lr(k),
+        weighting=c.weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift, ema=c.mm_ema, student=net,
+        aux_start=auxiliary_start(c, task, net)), **kw})
 
 
-def instant_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.Distiller:
-    """Algorithm 3 with `c`'s settings, in the parameter space of `net` (`instant_space`), with Eq. 10's data term."""
-    weighting = c.weighting if c.instant_weighting == "same" else c.instant_weighting
-    weighting = mmd.auto_weighting(k) if weighting == "auto" else weighting
+def instant_setup(c: Config, k, task: tasks.Task, teacher, net, precond, **kw) -> mmd.Distiller:
+    """Algorithm 3 with `c`'s settings, in the parameter space of `net` (`instant_space`), with Eq. 10's data term
+    (`data_moment`, under the losses' own w(s); `data_grad=None` in `kw` drops it: Eq. 9)."""
     if precond is None:  # check_checkpoints: the state's structure only
         precond = jax.tree.map(jnp.ones_like, L.params(net))
     teacher, precond = instant_space(c, task, teacher, net, precond)
-    w = mmd.MMConfig(weighting=weighting, sigma_data=c.mm_sigma_data).loss_weighting  # the losses' w(s)
-    data_grad = data_moment(c, task, teacher, w) if c.instant_eq10 and teacher is not None else None
-    return mmd.instant_distiller(
-        teacher, precond, k=k, steps=c.train_steps("mm_instant", k), schedule=task.schedule, lr=c.instant_lr,
-        weighting=weighting, zs_sampling=c.zs_sampling, grid_shift=c.grid_shift, nu_decay=c.nu_decay,
-        nu_batch_mult=c.nu_batch_mult, data_grad=data_grad, b1=c.mm_b1, ema=c.mm_ema, sigma_data=c.mm_sigma_data,
-        student=net)
+    weighting = kw.get("weighting", c.weighting)
+    weighting = mmd.auto_weighting(k) if weighting == "auto" else weighting
+    if "data_grad" not in kw and teacher is not None:
+        w = mmd.MMConfig(weighting=weighting, sigma_data=kw.get("sigma_data", 0.5)).loss_weighting
+        kw["data_grad"] = data_moment(c, task, teacher, w)
+    return mmd.instant_distiller(teacher, precond, **{**dict(
+        k=k, steps=c.train_steps("mm_instant", k), schedule=task.schedule, weighting=weighting,
+        zs_sampling=c.zs_sampling, grid_shift=c.grid_shift, nu_batch_mult=c.nu_batch_mult, ema=c.mm_ema,
+        student=net), **kw})
 
 
-def dmd2_setup(c: Config, k, task: tasks.Task, teacher, net, precond) -> mmd.Distiller:
-    """DMD2 with `c`'s settings: generator from `net`, fake score from the teacher (`auxiliary_start`)."""
-    return dmd2.dmd2_distiller(
-        teacher, k=k, steps=c.dmd2_train_steps, schedule=task.schedule, lr=c.dmd2_lr, lr_decay=c.dmd2_lr_decay,
-        ttur=c.ttur, gan=c.gan, feat_dim=task.feat_dim, gan_gen_weight=c.gan_gen_weight, times=dmd2_times(c, k, task),
-        per_step_critic=c.per_step_critic, backward_sim=c.backward_sim, ema=c.dmd2_ema, head_key=jr.key(c.seed + 1),
-        student=net, fake_start=auxiliary_start(c, task, net))
+def dmd2_setup(c: Config, k, task: tasks.Task, teacher, net, precond, **kw) -> mmd.Distiller:
+    """DMD2 with `c`'s settings: generator from `net` on the official step grid (`dmd2_times`), fake score from the
+    teacher (`auxiliary_start`)."""
+    return dmd2.dmd2_distiller(teacher, **{**dict(
+        k=k, steps=c.dmd2_train_steps, schedule=task.schedule, ttur=c.ttur, gan=c.gan, feat_dim=task.feat_dim,
+        times=dmd2_times(k, task), backward_sim=c.backward_sim, ema=c.dmd2_ema, head_key=jr.key(c.seed + 1),
+        student=net, fake_start=auxiliary_start(c, task, net)), **kw})
 
 
 SETUPS = {"mm_alternating": alternating_setup, "mm_instant": instant_setup, "dmd2": dmd2_setup}
 
 
-def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh):
+def distil_setup(cfg: Config, method, k, overrides, task: tasks.Task, teacher, net, precond, mesh, **kw):
     """A distillation phase's initial state, step function `(state, key) -> (state, metrics)` and number of steps.
-    `teacher` is what the losses call; `net` the network students start from."""
-    d = SETUPS[method](dataclasses.replace(cfg, **overrides), k, task, teacher, net, precond)
+    `teacher` is what the losses call; `net` the network students start from; `overrides` Config fields of this
+    phase; `kw` the distiller's own arguments (`SETUPS`)."""
+    d = SETUPS[method](dataclasses.replace(cfg, **overrides), k, task, teacher, net, precond, **kw)
     step = with_labels(d.step, task, d.batch_multiple * cfg.batch, mesh)
     return parallel.replicate(d.init(), mesh), step, d.steps
 
