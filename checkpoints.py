@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -73,33 +74,47 @@ def tree_arrays(tree):
     return [[jax.tree_util.keystr(p), list(x.shape), str(x.dtype)] for p, x in leaves if hasattr(x, "dtype")]
 
 
-class Run:
-    """The output directory: atomic writes, per-phase checkpoints, and the stop flag set by signals."""
+def write_atomic(path: Path, write_fn):
+    """Write `path` atomically: `write_fn(tmp_path)`, flush to disk, then rename over the target.
 
-    def __init__(self, out: Path, max_chunks: Optional[int] = None):
+    If any of it fails the target keeps its previous content, the temporary file is removed, and
+    `WriteError` names the target and the OS error.
+    """
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        write_fn(tmp)
+        with open(tmp, "rb+") as f:  # a crash after the rename must not leave an empty file
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise WriteError(f"could not write {path}: {e.strerror or e}; its previous version, if any, is intact") from e
+        raise
+
+
+def copy_phase(src: Path, dst: Path, name):
+    """Copy phase `name`'s checkpoint from directory `src` to `dst`, each file atomically and the `.eqx` last (as
+    `Run.save_phase` writes them), so an interrupted copy leaves no checkpoint that loads."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in (f"{name}.npz", f"{name}.eqx"):
+        write_atomic(dst / f, lambda p, f=f: shutil.copyfile(src / f, p))
+
+
+class Run:
+    """The output directory: atomic writes, per-phase checkpoints, and the stop flag set by signals.
+    `teacher_cache`: a directory of trained teachers by config (`train.train_teacher`), or None."""
+
+    def __init__(self, out: Path, max_chunks: Optional[int] = None, teacher_cache: Optional[Path] = None):
         self.out, self.ckpt = out, out / "checkpoints"
         self.ckpt.mkdir(parents=True, exist_ok=True)
         self.stop_reason, self.chunks_left = None, max_chunks
+        self.teacher_cache = teacher_cache
 
     def write(self, name, write_fn):
-        """Write `out/name` atomically: `write_fn(tmp_path)`, flush to disk, then rename over the target.
-
-        If any of it fails the target keeps its previous content, the temporary file is removed, and
-        `WriteError` names the target and the OS error.
-        """
-        path = self.out / name
-        tmp = path.with_name(f".{path.name}.tmp")
-        try:
-            write_fn(tmp)
-            with open(tmp, "rb+") as f:  # a crash after the rename must not leave an empty file
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        except BaseException as e:
-            with contextlib.suppress(OSError):
-                tmp.unlink(missing_ok=True)
-            if isinstance(e, OSError):
-                raise WriteError(f"could not write {path}: {e.strerror or e}; its previous version, if any, is intact") from e
-            raise
+        """Write `out/name` atomically (`write_atomic`)."""
+        write_atomic(self.out / name, write_fn)
 
     def write_text(self, name, text):
         self.write(name, lambda p: Path(p).write_text(text))

@@ -5,6 +5,7 @@ import os
 # (one test file: 296 s -> 179 s) and changes no check.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ["MMD_TEACHER_CACHE"] = ""  # train.py runs of the tests train their own teachers (no cache under runs/)
 # JAX's persistent compilation cache, shared by every test process (pytest-xdist's workers) and the train.py
 # processes the tests start: a program compiled once loads from disk when it is met again, after the per-file
 # drop of compiled programs below or in another process. Delete .jax_cache/ at will.

@@ -92,6 +92,27 @@ def run_a(tmp_path_factory):
 # 1, 2. Resume == uninterrupted; determinism.
 
 
+def test_teacher_cache_reuses_the_teacher_of_the_same_config(tmp_path, monkeypatch):
+    """With a teacher cache, a run whose teacher config (`TEACHER_FIELDS`) was trained before copies that teacher
+    (the same weights and history) instead of training it; a run with another seed trains and stores its own; a
+    student-only change (methods) does not miss the cache."""
+    cfg = dataclasses.replace(TINY, teacher_steps=20)
+    task, mesh, cache = train.tasks.make_task(cfg), train.parallel.data_mesh(), tmp_path / "cache"
+    first = train.train_teacher(train.Run(tmp_path / "a", teacher_cache=cache), cfg, task, mesh, jr.key(0))
+    assert [p.name for p in cache.iterdir()] == [train.teacher_cache_dir(train.Run(tmp_path / "x", teacher_cache=cache), cfg).name]
+    trained = []
+    real = train.mmd.teacher_step
+    monkeypatch.setattr(train.mmd, "teacher_step", lambda *a, **kw: trained.append(1) or real(*a, **kw))
+    other = dataclasses.replace(cfg, methods=("dmd2",))
+    again = train.train_teacher(train.Run(tmp_path / "b", teacher_cache=cache), other, task, mesh, jr.key(0))
+    assert not trained and (tmp_path / "b" / "checkpoints" / "teacher.eqx").exists()
+    assert eqx.tree_equal(jax.device_get(first[0]), jax.device_get(again[0])) is True
+    np.testing.assert_array_equal(first[1]["loss"], again[1]["loss"])
+    seed1 = dataclasses.replace(cfg, seed=1)
+    train.train_teacher(train.Run(tmp_path / "c", teacher_cache=cache), seed1, task, mesh, jr.key(1))
+    assert trained and len(list(cache.iterdir())) == 2
+
+
 def test_resume_equals_uninterrupted(run_a, tmp_path):
     """Stop after every two chunks (via the CLI's --resume parsing), resume each time: bitwise the run of `run_a`."""
     a, b = run_a[0], tmp_path / "b"

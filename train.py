@@ -8,10 +8,13 @@ writes the report, the claims table and the plots. Same seed, same numbers.
 """
 
 import dataclasses
+import hashlib
 import json
+import os
 import signal
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import equinox as eqx
@@ -22,7 +25,8 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints import (  # noqa: F401 - re-exported: train.Run, train.Stop, ... are the public names
-    CHECKPOINT_VERSION, NOT_TRAINING, TEACHER_FIELDS, CheckpointError, Run, Stop, WriteError, phase_fields, tree_arrays,
+    CHECKPOINT_VERSION, NOT_TRAINING, TEACHER_FIELDS, CheckpointError, Run, Stop, WriteError, copy_phase, phase_fields,
+    tree_arrays,
 )
 import losses as L
 import dmd2
@@ -152,6 +156,8 @@ class TeacherState(eqx.Module):
         return self.player.model if self.ema is None else self.ema
 
 
+# `python train.py` keeps each trained teacher here, by config, and reuses it ("" in the environment: no cache).
+TEACHER_CACHE = os.environ.get("MMD_TEACHER_CACHE", "runs/teachers")
 P_UNCOND = 0.1  # label dropout of a class-conditional teacher: what guidance's unconditional prediction learns from
 
 
@@ -190,9 +196,29 @@ def frozen_teacher(cfg: Config, task: tasks.Task, state: TeacherState):
     return teacher, net, precond
 
 
+def teacher_cache_dir(run: Run, cfg: Config):
+    """Where `run.teacher_cache` keeps the teacher of `cfg`: a directory named by a hash of the teacher's config fields
+    (`phase_fields(cfg, "teacher")`: data, network, seed, steps, ...), or None without a cache, or for `npz:` data
+    (a file can change under its name)."""
+    if run.teacher_cache is None or cfg.data.startswith("npz:"):
+        return None
+    fields = json.dumps(phase_fields(cfg, "teacher"), sort_keys=True)
+    return Path(run.teacher_cache) / f"{cfg.data}-{hashlib.sha256(fields.encode()).hexdigest()[:16]}"
+
+
 def train_teacher(run, cfg: Config, task: tasks.Task, mesh, key):
+    """The teacher phase, resumable. With a teacher cache (`teacher_cache_dir`), a teacher trained before with the same
+    config is copied from it instead of trained again (the same numbers: training is deterministic), and a newly
+    trained one is copied into it."""
     state, step = teacher_setup(cfg, task, mesh)
-    return run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk, phase_fields(cfg, "teacher"))
+    cache = teacher_cache_dir(run, cfg)
+    if cache is not None and (cache / "teacher.eqx").exists() and not (run.ckpt / "teacher.eqx").exists():
+        copy_phase(cache, run.ckpt, "teacher")
+        print(f"teacher: trained before with this config, copied from {cache}")
+    out = run_phase(run, "teacher", state, step, cfg.teacher_steps, key, cfg.chunk, phase_fields(cfg, "teacher"))
+    if cache is not None and not (cache / "teacher.eqx").exists():
+        copy_phase(run.ckpt, cache, "teacher")
+    return out
 
 
 def dmd2_times(k, task: tasks.Task):
@@ -386,7 +412,7 @@ def cli(argv=None) -> int:
     (flags, data file, checkpoint; from `parse` too), 3 stopped cleanly (resume it), 4 diverged, 5 a write failed."""
     cfg, out, max_chunks = parse(argv)
     print(f"writing to {out}")
-    run = Run(out, max_chunks)
+    run = Run(out, max_chunks, TEACHER_CACHE or None)
 
     def on_signal(signum, frame):  # finish the current chunk, checkpoint, exit
         run.stop_reason = f"signal {signal.Signals(signum).name}"
