@@ -461,7 +461,7 @@ def _grid(schedule, k, grid_shift):
 
 def alternating_distiller(teacher, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=1e-4, aux_lr=None,
                           weighting="auto", sigma_data=0.5, zs_sampling="posterior", grid_shift=None, aux_steps=1,
-                          b1=0.0, ema=0.0, fresh_data=False, student=None, aux_start=None) -> Distiller:
+                          b1=0.0, ema=0.0, fresh_data=True, student=None, aux_start=None) -> Distiller:
     """Algorithm 2 (alternating moment matching) for `teacher`, a frozen unbatched denoiser `teacher(z, t[, label])`.
 
     **Arguments:**
@@ -471,8 +471,8 @@ def alternating_distiller(teacher, *, k: int, steps: int, schedule: Schedule = S
     - `sigma_data`: the data's standard deviation in EDM's weight (EDM's 0.5 by default).
     - `zs_sampling`, `grid_shift`, `aux_steps`: `MMConfig`'s. `b1`: Adam's momentum (App. B: 0).
     - `ema`: decay of a weight average of the student, which `Distiller.student` then returns (0: none).
-    - `fresh_data`: the generator's update draws its own data batch, as the paper's Algorithm 2 draws data at every
-      iteration (a step then takes 2B examples: the first B for the auxiliary model); False: one batch for both.
+    - `fresh_data`: the generator's update gets its own data batch, as the paper's Algorithm 2 draws data at every
+      iteration: a step takes 2B examples, the first B for the auxiliary model (False: one batch of B for both).
     - `student`, `aux_start`: where generator and auxiliary model start (None: the teacher, Algorithm 2's Require).
     """
     cfg = MMConfig(k=k, weighting=auto_weighting(k) if weighting == "auto" else weighting, zs_sampling=zs_sampling,

@@ -420,7 +420,7 @@ def test_alternating_step_feeds_one_data_batch_to_both_updates(monkeypatch):
 
 
 def test_alternating_distiller_with_fresh_data_gives_the_generator_its_own_batch(monkeypatch):
-    """`alternating_distiller(fresh_data=True)`, the paper's fresh data at every iteration: a step takes 2B examples,
+    """`alternating_distiller` (`fresh_data=True`), the paper's fresh data at every iteration: a step takes 2B examples,
     the auxiliary update noises the first B and the generator update the other B (labels split alike); an odd
     number of examples is refused with the shape."""
     import losses as L  # noqa: PLC0415
@@ -428,7 +428,7 @@ def test_alternating_distiller_with_fresh_data_gives_the_generator_its_own_batch
 
     net = MLPDenoiser(2, width=16, depth=1, emb_dim=8, key=jr.key(0))
     d = mmd.alternating_distiller(net, k=2, steps=10, schedule=SCHED, fresh_data=True)
-    assert d.batch_multiple == 2 and mmd.alternating_distiller(net, k=2, steps=10).batch_multiple == 1
+    assert d.batch_multiple == 2 and mmd.alternating_distiller(net, k=2, steps=10, fresh_data=False).batch_multiple == 1
     x = jnp.arange(16.0).reshape(8, 2)
     seen, real = [], L.noised_batch
     monkeypatch.setattr(L, "noised_batch", lambda sched, x, *a, **kw: seen.append(np.asarray(x)) or real(sched, x, *a, **kw))

@@ -166,14 +166,14 @@ def teacher_setup(cfg: Config, task: tasks.Task, mesh):
     onto the closed-form denoiser, as a `TeacherState` whose `.model` (the EMA when `cfg.teacher_ema > 0`) is the
     frozen teacher."""
     opt = mmd.teacher_optimiser(cfg.teacher_lr, cfg.teacher_steps)
-    kw = dict(optimiser=opt, schedule=task.schedule)
-    if cfg.teacher == "trained":
-        fn = lambda st, x, k, lab: mmd.teacher_step(st, x, k, label=lab, **kw)
-    else:
-        fn = lambda st, x, k, lab: mmd.regression_step(st, task.exact, x, k, label=lab, **kw)
+
+    def update(player, x, k, lab):  # the diffusion loss on data, or the regression onto the closed form
+        if cfg.teacher == "trained":
+            return mmd.teacher_step(player, x, k, label=lab, optimiser=opt, schedule=task.schedule)
+        return mmd.regression_step(player, task.exact, x, k, label=lab, optimiser=opt, schedule=task.schedule)
 
     def fn_ema(st: TeacherState, x, k, lab):
-        player, loss = fn(st.player, x, k, lab)
+        player, loss = update(st.player, x, k, lab)
         n = st.count + 1
         ema = None if st.ema is None else mmd.ema_update(st.ema, player.model, cfg.teacher_ema, n)
         return TeacherState(player, ema, n), {"loss": loss}
