@@ -38,19 +38,18 @@ DECAYS = (0.99, 0.999)
 
 
 def parse(variant):
-    """`(k, Config overrides, dmd2_distiller arguments)` of a VARIANT; `times` absent means train.py's grid."""
+    """`(k, Config overrides, dmd2_distiller arguments)` of a VARIANT; no `times` in them: train.py's grid."""
     over, kw = {}, {}
     for name, val in re.findall(r"(?:^|_)([a-z][a-z0-9_]*?)=([0-9.:e-]+)", variant):
         name = RENAME.get(name, name)
         if name == "grid":
-            kw["times"] = "train" if int(val) else None
+            if not int(val):  # grid=1 is train.py's own (official) grid
+                kw["times"] = None
         elif name == "times":
             kw["times"] = tuple(float(v) for v in val.split(":"))
         else:
             v = bool(int(val)) if name in BOOLS else float(val) if name in FLOATS else int(val)
             (over if name in CONFIG or name == "k" else kw)[name] = v
-    if kw.get("times") == "train":
-        del kw["times"]
     return over.pop("k", 1), over, kw
 
 

@@ -259,7 +259,8 @@ def instant_setup(c: Config, k, task: tasks.Task, teacher, net, precond, **kw) -
     weighting = kw.get("weighting", c.weighting)
     weighting = mmd.auto_weighting(k) if weighting == "auto" else weighting
     if "data_grad" not in kw and teacher is not None:
-        w = mmd.MMConfig(weighting=weighting, sigma_data=kw.get("sigma_data", 0.5)).loss_weighting
+        sigma_data = kw.get("sigma_data", mmd.MMConfig.sigma_data)
+        w = mmd.MMConfig(weighting=weighting, sigma_data=sigma_data).loss_weighting
         kw["data_grad"] = data_moment(c, task, teacher, w)
     return mmd.instant_distiller(teacher, precond, **{**dict(
         k=k, steps=c.train_steps("mm_instant", k), schedule=task.schedule, weighting=weighting,
