@@ -153,7 +153,8 @@ PRESETS = {
     "default": Config(**TOY_DMD2),
     # Seconds: the end-to-end tests.
     "smoke": Config(width=32, depth=2, batch=128, teacher_steps=300, mm_train_steps=100, instant_train_steps=100,
-                    dmd2_train_steps=40, mm_steps=(4,), dmd2_steps=(1, 2), chunk=50, n_samples=2000),
+                    dmd2_train_steps=40, mm_steps=(4,), dmd2_steps=(1, 2), teacher_ks=(1, 8), data_grad_batches=10,
+                    chunk=50, n_samples=2000),
     # Every method at k = 1, 2, 4, 8 and the ablations of the claims table.
     "full": Config(mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8), ablations=True, **TOY_DMD2),
 }
@@ -168,8 +169,8 @@ IMAGE_PRESETS = {
         teacher_ks=(1, 2, 4, 8, 64, 256), chunk=100)}),
     # Seconds: the end-to-end tests of the image path.
     "smoke": Config(data="digits", width=32, depth=1, batch=32, teacher_steps=60, teacher_ema=0.9, mm_train_steps=20,
-                    instant_train_steps=20, dmd2_train_steps=6, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8),
-                    teacher_samplers=("ancestral",), n_samples=200, chunk=20),
+                    instant_train_steps=20, dmd2_train_steps=6, ttur=2, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8),
+                    teacher_samplers=("ancestral",), data_grad_batches=10, n_samples=200, chunk=20),
     # One GPU, meant for <= 15 minutes; quality measured on CPUs (EXPERIMENTS.md#digits-the-full-preset).
     "full": Config(**{**IMAGE, **dict(
         batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999, mm_lr=1e-3, mm_train_steps=300,

@@ -27,6 +27,17 @@ def pytest_configure(config):
     config.addinivalue_line("markers", "slow: long-running checks, skipped by .ci/run (run with `pytest -m slow`)")
 
 
+# The tests that run for a minute or more (`python profiles.py suite`) start first: with `-n 2 --dist worksteal`,
+# the process that finishes its share early takes over the other's remaining short tests, so no long test is
+# left to run alone at the end.
+LONG_FIRST = ("test_train.py::test_smoke_preset_end_to_end", "test_mmd.py::test_sampler_converges_with_exact_teacher",
+              "test_own_teacher.py::test_example_own_teacher")
+
+
+def pytest_collection_modifyitems(config, items):
+    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: file order otherwise
+
+
 # Each compiled XLA CPU program holds memory mappings until it is freed, and Linux caps a process at
 # vm.max_map_count of them (65,530 by default). The whole suite in one process went past it: a compile then
 # failed and the process died with a segmentation fault while reporting the error (CI, exit 139; measured

@@ -243,6 +243,17 @@ def mean_pairwise_distance(x, max_points: int = 2000) -> float:
     return float(np.mean(pdist(x.reshape(len(x), -1))))
 
 
+def within_class_distance(x, labels) -> float:
+    """Within-class diversity: the mean over classes of `mean_pairwise_distance` among the samples `x (N, ...)` of
+    one class (`labels (N,)`; classes with one sample are skipped). A sampler that draws one image per class scores
+    0 however good its FD of class means; compare with the data's own value."""
+    x, labels = np.asarray(x, np.float64), np.asarray(labels)
+    per_class = [mean_pairwise_distance(x[labels == c]) for c in np.unique(labels) if np.sum(labels == c) > 1]
+    if not per_class:
+        raise ValueError(f"within_class_distance needs a class with two samples or more; got labels {labels[:10]}...")
+    return float(np.mean(per_class))
+
+
 # ----------------------------------------------------------------------------------------------
 # Frechet distance (Heusel et al. 2017, the FID formula; Dowson & Landau 1982).
 
@@ -367,7 +378,8 @@ def image_metrics(images, labels, classifier, ref_images) -> dict:
     - `classifier`: a `DigitsClassifier`; `ref_images`: real images `(M, 8, 8, 1)`.
 
     **Returns:** `{"fd": Frechet distance of features, "class_tv": TV between predicted class frequencies
-    of images and ref, "acc": fraction classified as their label (only with labels)}`.
+    of images and ref, "acc": fraction classified as their label, "class_div": `within_class_distance` in pixels
+    (the last two only with labels)}`.
     """
     images = np.asarray(images)
     if np.issubdtype(images.dtype, np.floating):
@@ -382,6 +394,7 @@ def image_metrics(images, labels, classifier, ref_images) -> dict:
     out = {"fd": frechet_distance(feats, ref_feats), "class_tv": float(0.5 * np.abs(hist - ref_hist).sum())}
     if y is not None:
         out["acc"] = float(np.mean(np.asarray(pred) == y))
+        out["class_div"] = within_class_distance(x, y)
     return out
 
 

@@ -3,9 +3,10 @@
     MMD_PROFILE=prof.json python -m pytest -q -m "not slow" -n 2    # conftest writes prof.json.gw0, prof.json.gw1
     python profiles.py suite prof.json*        # the 30 slowest tests: wall, compile, run, compilations
     python profiles.py digits [--steps 20]     # each phase of the digits default: compile, ms per update, GFLOP/s
+    python profiles.py ring8 [--steps 20]      # the same for `python train.py` (ring8)
 
 `suite` reads conftest's per-test records (JAX's trace, lowering and compile seconds, from its monitoring events).
-`digits` builds each phase of `python train.py --data digits` exactly as train.py does (untrained networks: the
+`digits` (`ring8`) builds each phase of `python train.py --data digits` (`python train.py`) exactly as train.py does (untrained networks: the
 cost of an update does not depend on the weights), compiles a `--steps`-update chunk ahead of time, times it, and
 takes the FLOPs of one update from XLA's cost analysis. The peak is `cores x GHz x flops per cycle per core`, with 64
 flops per cycle for AVX-512 (two FMA units x 16 float32 lanes x 2) and 32 for AVX2, from /proc/cpuinfo.
@@ -76,8 +77,8 @@ def phase_cost(state, step, steps, key=jr.key(0)):
     return compile_s, 1e3 * (time.perf_counter() - t0) / steps, flops
 
 
-def digits_table(steps=20):
-    cfg = train.IMAGE_PRESETS["default"]
+def phases_table(data="digits", steps=20):
+    cfg = (train.IMAGE_PRESETS if data == "digits" else train.PRESETS)["default"]
     task, mesh = tasks.make_task(cfg), parallel.data_mesh()
     peak, how = cpu_peak_gflops()
     state, step = train.teacher_setup(cfg, task, mesh)
@@ -86,7 +87,7 @@ def digits_table(steps=20):
     for name, method, k, over in train.phases(cfg):
         st, fn, num = train.distil_setup(cfg, method, k, over, task, net, net, None, mesh)
         rows.append((name, num, *phase_cost(st, fn, steps)))
-    lines = [f"digits default, {steps}-update chunks; peak {peak:.0f} GFLOP/s ({how})", "",
+    lines = [f"{data} default, {steps}-update chunks; peak {peak:.0f} GFLOP/s ({how})", "",
              "| phase | updates | compile (s) | ms per update | GFLOP per update | GFLOP/s | % of peak | est. phase (s) |",
              "|---|---|---|---|---|---|---|---|"]
     for name, num, comp, ms, flops in rows:
@@ -98,9 +99,9 @@ def digits_table(steps=20):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("name", choices=("suite", "digits"))
+    p.add_argument("name", choices=("suite", "digits", "ring8"))
     p.add_argument("files", nargs="*", help="suite: conftest's profile files (MMD_PROFILE=FILE; FILE.gw0, ...)")
-    p.add_argument("--steps", type=int, default=20, help="digits: updates per timed chunk")
+    p.add_argument("--steps", type=int, default=20, help="digits, ring8: updates per timed chunk")
     p.add_argument("--top", type=int, default=30, help="suite: the slowest tests shown")
     a = p.parse_args(argv)
     if a.name == "suite":
@@ -108,7 +109,7 @@ def main(argv=None):
             p.error("suite needs the profile files conftest wrote (MMD_PROFILE=FILE pytest ...)")
         print(suite_table(a.files, a.top))
     else:
-        print(digits_table(a.steps))
+        print(phases_table(a.name, a.steps))
 
 
 if __name__ == "__main__":

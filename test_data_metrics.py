@@ -241,6 +241,12 @@ def test_mean_pairwise_distance_and_component_fractions():
     se = 0.85 * np.sqrt(4 / 2000)  # ~ std of |X - Y| over sqrt of the effective sample size
     assert abs(metrics.mean_pairwise_distance(x) - 2 / np.sqrt(np.pi)) < Z * se
     assert metrics.mean_pairwise_distance(np.ones((50, 8, 8, 1))) == 0.0
+    # within-class: two classes of N(0, 1) and N(0, 4) points, 2/sqrt(pi) and twice that; one image per class: 0
+    y = np.repeat([0, 1], 1000)
+    x2 = np.concatenate([x[:1000], 2 * x[1000:]])
+    se1 = 0.85 * np.sqrt(4 / 1000)
+    assert abs(metrics.within_class_distance(x2, y) - 1.5 * 2 / np.sqrt(np.pi)) < Z * 1.5 * se1
+    assert metrics.within_class_distance(np.repeat(np.arange(10.0), 5)[:, None], np.repeat(np.arange(10), 5)) == 0.0
     frac = metrics.component_fractions(np.array([[-1.0, 0], [-3, 1], [2, 0], [0.5, 0]]), [[-2.0, 0], [2, 0]])
     np.testing.assert_array_equal(frac, [0.5, 0.5])
 

@@ -220,12 +220,17 @@ def sampler_noise_floor(cov, n=N_SAMPLES):
     return M.sampler_noise_floor(cov, n)
 
 
+# These samplers run for seconds (512 steps of 20,000 points): compiled fully optimised, whatever conftest's level.
+OPTIMISED = {"xla_backend_optimization_level": 3}
+
+
 @functools.lru_cache(maxsize=None)
 def _jitted(kind, k):
     fn = {"ancestral": ancestral_sample, "ddim": ddim_sample, "wrong": None}[kind]
     if kind == "wrong":
-        return jax.jit(lambda den, key: _wrong_std_sampler(den, key, (N_SAMPLES, den.mean.size), k))
-    return jax.jit(lambda den, key: fn(den, SCHED, key, (N_SAMPLES, den.mean.size), k))
+        return jax.jit(lambda den, key: _wrong_std_sampler(den, key, (N_SAMPLES, den.mean.size), k),
+                       compiler_options=OPTIMISED)
+    return jax.jit(lambda den, key: fn(den, SCHED, key, (N_SAMPLES, den.mean.size), k), compiler_options=OPTIMISED)
 
 
 @pytest.mark.parametrize("kind", ["ancestral", "ddim"])

@@ -367,7 +367,9 @@ def test_report_files(run_a):
 # 6. The presets CI runs end to end: `python train.py --preset smoke` and `--data digits --preset smoke`.
 
 
-@pytest.mark.parametrize("data", ["ring8", "digits"])
+# ring8's run goes behind `slow` (2 minutes of a 2-core CPU): `run_a` and `cli_run` above run the same toy pipeline,
+# in-process and through the CLI. digits' is the one end-to-end run of the image path (UViT, classifier, FD).
+@pytest.mark.parametrize("data", [pytest.param("ring8", marks=pytest.mark.slow), "digits"])
 def test_smoke_preset_end_to_end(tmp_path, data):
     out = tmp_path / data
     cmd = [sys.executable, str(HERE / "train.py"), "--data", data, "--preset", "smoke", "--out", str(out)]
