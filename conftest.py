@@ -35,7 +35,8 @@ LONG_FIRST = ("test_train.py::test_smoke_preset_end_to_end", "test_mmd.py::test_
 
 
 def pytest_collection_modifyitems(config, items):
-    items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: file order otherwise
+    if getattr(config.option, "numprocesses", None):  # only when the tests are shared out over processes
+        items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: file order otherwise
 
 
 # Each compiled XLA CPU program holds memory mappings until it is freed, and Linux caps a process at
