@@ -256,6 +256,16 @@ def test_sampler_check_bites_on_wrong_variance():
     assert err > Z * sampler_noise_floor(cov)
 
 
+@pytest.mark.parametrize("step", ["ancestral", "ddim", "marginal"])
+def test_conditional_sampling_gives_each_example_its_own_label(step):
+    """`sample(..., label)`: the denoiser sees example i's label (a class-conditional sampler that
+    passed one class, or none, to every example would draw the wrong digits). The toy denoiser predicts its label."""
+    label = jnp.arange(12) % 5
+    seen = lambda z, t, lab: jnp.full_like(z, lab)
+    x = sample(seen, SCHED, jr.key(0), (12, 3), 4, step, label)
+    np.testing.assert_array_equal(np.asarray(x), np.broadcast_to(np.asarray(label, np.float32)[:, None], (12, 3)))
+
+
 @pytest.mark.parametrize("k, recovers", [(256, True), (1, False)])
 def test_ancestral_recovers_mixture_weights(k, recovers):
     mix = MixtureDenoiser(**RING2)
