@@ -35,7 +35,7 @@ LONG_FIRST = ("test_train.py::test_smoke_preset_end_to_end", "test_mmd.py::test_
 
 
 def pytest_collection_modifyitems(config, items):
-    if getattr(config.option, "numprocesses", None):  # only when the tests are shared out over processes
+    if hasattr(config, "workerinput"):  # only in pytest-xdist's worker processes, which share the tests out
         items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: file order otherwise
 
 
