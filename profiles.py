@@ -6,8 +6,8 @@
     python profiles.py ring8 [--steps 20]      # the same for `python train.py` (ring8)
 
 `suite` reads conftest's per-test records (JAX's trace, lowering and compile seconds, from its monitoring events).
-`digits` (`ring8`) builds each phase of `python train.py --data digits` (`python train.py`) exactly as train.py does (untrained networks: the
-cost of an update does not depend on the weights), compiles a `--steps`-update chunk ahead of time, times it, and
+`digits` and `ring8` build each phase of `python train.py --data digits` and `python train.py` exactly as train.py
+does (untrained networks: the cost of an update does not depend on the weights), compiles a `--steps`-update chunk ahead of time, times it, and
 takes the FLOPs of one update from XLA's cost analysis. The peak is `cores x GHz x flops per cycle per core`, with 64
 flops per cycle for AVX-512 (two FMA units x 16 float32 lanes x 2) and 32 for AVX2, from /proc/cpuinfo.
 """

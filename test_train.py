@@ -367,7 +367,7 @@ def test_report_files(run_a):
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. The presets CI runs end to end: `python train.py --preset smoke` and `--data digits --preset smoke`.
+# 6. The smoke presets end to end: `python train.py --data digits --preset smoke` (and, behind `slow`, `--preset smoke`).
 
 
 # ring8's run goes behind `slow` (2 minutes of a 2-core CPU): `run_a` and `cli_run` above run the same toy pipeline,
