@@ -1,4 +1,4 @@
-"""Where the time goes: the test suite's profile and the digits default's phases.
+"""Where the time goes: the test suite's profile and the default runs' phases.
 
     MMD_PROFILE=prof.json python -m pytest -q -m "not slow" -n 2    # conftest writes prof.json.gw0, prof.json.gw1
     python profiles.py suite prof.json*        # the 30 slowest tests: wall, compile, run, compilations
@@ -7,8 +7,9 @@
 
 `suite` reads conftest's per-test records (JAX's trace, lowering and compile seconds, from its monitoring events).
 `digits` and `ring8` build each phase of `python train.py --data digits` and `python train.py` exactly as train.py
-does (untrained networks: the cost of an update does not depend on the weights), compiles a `--steps`-update chunk ahead of time, times it, and
-takes the FLOPs of one update from XLA's cost analysis. The peak is `cores x GHz x flops per cycle per core`, with 64
+does (untrained networks: the cost of an update does not depend on the weights), compile a `--steps`-update chunk
+ahead of time, time it, and take the FLOPs of one update from XLA's cost analysis (which counts a loop's body once).
+The peak is `cores x GHz x flops per cycle per core`, with 64
 flops per cycle for AVX-512 (two FMA units x 16 float32 lanes x 2) and 32 for AVX2, from /proc/cpuinfo.
 """
 
