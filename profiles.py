@@ -9,8 +9,8 @@
 `digits` and `ring8` build each phase of `python train.py --data digits` and `python train.py` exactly as train.py
 does (untrained networks: the cost of an update does not depend on the weights), compile a `--steps`-update chunk
 ahead of time, time it, and take the FLOPs of one update from XLA's cost analysis (which counts a loop's body once).
-The peak is `cores x GHz x flops per cycle per core`, with 64
-flops per cycle for AVX-512 (two FMA units x 16 float32 lanes x 2) and 32 for AVX2, from /proc/cpuinfo.
+The peak is `cores x GHz x flops per cycle per core`, with 64 flops per cycle for AVX-512 (two FMA units x 16
+float32 lanes x 2) and 32 for AVX2, from /proc/cpuinfo.
 """
 
 import argparse
