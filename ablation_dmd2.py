@@ -10,7 +10,7 @@ the Config fields `backward_sim`, `gan` (0/1), `ttur`, `dmd2_train_steps` (integ
 (uniform) / `grid=1` (official, train.py's). Each seed uses the cached default ring8 teacher of `ablation_instant.py`
 (`python train.py --seed S`), trains DMD2 exactly as train.py does (`train.distil_setup`), keeping beside it a
 weight average of the generator (`train.ema_update`, decays
-0.99 and 0.999; it does not change the training), samples 10,000 points with marginal re-noising from the
+0.99, 0.995 and 0.999; it does not change the training), samples 10,000 points with marginal re-noising from the
 last weights and from each average, and prints one JSON line each: MMD^2, mode TV, off-mode fraction.
 The `ema0.999` line is what train.py samples on toy data (`TOY_DMD2`); `last` is `dmd2_ema = 0`.
 """
@@ -34,7 +34,7 @@ BOOLS = ("per_step_critic", "backward_sim", "gan", "lr_decay")
 FLOATS = ("lr", "gan_gen_weight")
 CONFIG = ("backward_sim", "gan", "ttur", "dmd2_train_steps")  # the rest are dmd2_distiller's arguments
 RENAME = {"dmd2_lr": "lr", "dmd2_lr_decay": "lr_decay"}
-DECAYS = (0.99, 0.999)
+DECAYS = (0.99, 0.995, 0.999)
 
 
 def parse(variant):
