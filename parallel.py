@@ -155,6 +155,16 @@ def replicate(tree, mesh: Mesh):
     return eqx.combine(jax.tree.map(lambda a: _put(a, replicated), dynamic), static)
 
 
+def placed_like(tree, like):
+    """`tree` with each array placed as the same array of `like` (its devices and sharding); other leaves as they are.
+
+    A state read from a checkpoint lands on the default device; placed as the fresh state was, a resumed phase runs
+    the very program that an uninterrupted run compiled (on a mesh, a differently placed input compiles another).
+    """
+    return jax.tree.map(lambda a, b: _put(a, b.sharding) if isinstance(b, jax.Array) and eqx.is_array(a) else a,
+                        tree, like)
+
+
 def is_replicated(tree, mesh: Mesh) -> bool:
     """True if every array leaf of `tree` holds the whole value on every device of `mesh`."""
     devices = set(mesh.devices.flat)

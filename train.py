@@ -87,7 +87,7 @@ def run_phase(run: Run, name, state, step_fn, num_steps, key, chunk, fields=None
     start, history, seconds = 0, {}, 0.0
     loaded = run.load_phase(name, state, fields)
     if loaded is not None:
-        state, start, history, seconds = loaded
+        state, start, history, seconds = parallel.placed_like(loaded[0], state), *loaded[1:]
 
     @eqx.filter_jit
     def advance(state, key, steps):
