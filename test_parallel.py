@@ -257,6 +257,18 @@ def test_batch_split_and_description(mesh):
     assert x.sharding.spec == P(None, "data") and x.sharding.shard_shape(x.shape) == (3, 8, 2)
 
 
+def test_placed_like_puts_a_loaded_state_where_the_fresh_one_is(mesh):
+    """A state read from a checkpoint (arrays on the default device, or numpy) is placed as the fresh state: the same
+    sharding for every array, so a resumed phase runs the uninterrupted run's program; values and non-arrays kept."""
+    fresh = parallel.replicate(mmd.init_player(_teacher(), OPT), mesh)
+    loaded = jax.tree.map(lambda a: np.asarray(a) + 1 if eqx.is_array(a) else a, fresh)
+    got = parallel.placed_like(loaded, fresh)
+    assert jax.tree.structure(got) == jax.tree.structure(fresh) and parallel.is_replicated(got, mesh)
+    for g, f, want in zip(_leaves(got), _leaves(fresh), _leaves(loaded)):
+        assert g.sharding == f.sharding
+        np.testing.assert_array_equal(np.asarray(g), want)
+
+
 def test_replicate_leaves_non_arrays_alone(mesh):
     state = mmd.init_player(_teacher(), OPT)
     rep = parallel.replicate(state, mesh)
