@@ -105,9 +105,10 @@ def test_student_phase_returns_the_ema_of_its_weights(method, k, field, tmp_path
     averaged, plain = seen[:5], seen[5:]
     assert len(plain) == 5
     # the same training with and without it, to float32 rounding: the two runs are different compiled programs,
-    # whose fusions may round an element one unit apart (an update drawn with another key: 100% of elements off)
+    # whose fusions may round an element one unit apart, and Adam's normalised steps carry that to a relative 2.4e-5
+    # after five updates (measured on one device); an update drawn with another key is off by up to 6x
     for a, b in zip(jax.tree.leaves(averaged), jax.tree.leaves(plain)):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-9)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-3, atol=1e-9)
     got = jax.tree.leaves(eqx.filter(model, eqx.is_inexact_array))
     for i, leaf in enumerate(got):
         np.testing.assert_allclose(np.asarray(leaf), ema_closed_form([jax.tree.leaves(p)[i] for p in averaged], 0.7),
