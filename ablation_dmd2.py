@@ -4,9 +4,9 @@
 
 VARIANT is `_`-separated `name=value` changes to `train.PRESETS["default"]` (6,000 updates, no GAN, weight
 average 0.999: `k=4` is train.py's DMD2 k = 4; EXPERIMENTS.md's rows spell out every setting they changed): `k`,
-the Config fields `backward_sim`, `gan` (0/1), `ttur`, `dmd2_train_steps` (integers), and arguments of
-`dmd2.dmd2_distiller` that no Config field sets: `per_step_critic`, `dmd2_lr_decay` (0/1: `lr_decay`), `dmd2_lr`
-(`lr`), `gan_gen_weight` (floats), `times` (the generator's step times, `times=1:0.89:0.74:0.49`), `grid=0`
+the Config fields `backward_sim`, `gan` (0/1), `ttur`, `dmd2_train_steps` (integers), `dmd2_lr` (a float), and
+arguments of `dmd2.dmd2_distiller` that no Config field sets: `per_step_critic`, `dmd2_lr_decay` (0/1: `lr_decay`),
+`gan_gen_weight` (a float), `times` (the generator's step times, `times=1:0.89:0.74:0.49`), `grid=0`
 (uniform) / `grid=1` (official, train.py's). Each seed uses the cached default ring8 teacher of `ablation_instant.py`
 (`python train.py --seed S`), trains DMD2 exactly as train.py does (`train.distil_setup`), keeping beside it a
 weight average of the generator (`train.ema_update`, decays
@@ -31,9 +31,9 @@ import train
 from ablation_instant import evaluate, setup
 
 BOOLS = ("per_step_critic", "backward_sim", "gan", "lr_decay")
-FLOATS = ("lr", "gan_gen_weight")
-CONFIG = ("backward_sim", "gan", "ttur", "dmd2_train_steps")  # the rest are dmd2_distiller's arguments
-RENAME = {"dmd2_lr": "lr", "dmd2_lr_decay": "lr_decay"}
+FLOATS = ("dmd2_lr", "gan_gen_weight")
+CONFIG = ("backward_sim", "gan", "ttur", "dmd2_train_steps", "dmd2_lr")  # the rest are dmd2_distiller's arguments
+RENAME = {"dmd2_lr_decay": "lr_decay"}
 DECAYS = (0.99, 0.995, 0.999)
 
 

@@ -69,6 +69,7 @@ class Config:
     step_grid: str = "schedule"  # MM students' and teacher samplers' k-step grid: schedule (uniform in t) | cosine
     dmd2_train_steps: int = 1000  # DMD2 generator updates
     dmd2_ema: float = 0.99  # decay of the DMD2 generator's weight average, which is sampled (0: the last weights)
+    dmd2_lr: float = 3e-4  # DMD2's AdamW peak learning rate, generator and critic
     guidance: float = 0.0  # classifier-free guidance scale of the teacher (0: none; class-conditional images)
     teacher_ks: tuple = (1, 2, 4, 8, 1000)  # k of the teacher's own samplers, the students' reference
     teacher_samplers: tuple = ("ancestral", "ddim")  # the teacher's samplers scored at each of teacher_ks
@@ -112,6 +113,10 @@ class Config:
                              f"got {self.teacher_samplers!r}")
         if self.step_grid not in ("schedule", "cosine"):
             raise ValueError(f"unknown step_grid {self.step_grid!r}; choose 'schedule' or 'cosine'")
+        for f in ("teacher_lr", "mm_lr", "dmd2_lr"):
+            v = getattr(self, f)
+            if not (isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 < v < float("inf")):
+                raise ValueError(f"{f} (peak learning rate) must be a finite number > 0; got {v!r}")
         for f in ("teacher_ema", "dmd2_ema", "mm_ema"):
             if not 0.0 <= getattr(self, f) < 1.0:
                 raise ValueError(f"{f} (EMA decay) must be in [0, 1); got {getattr(self, f)}")
@@ -165,7 +170,7 @@ IMAGE_PRESETS = {
     # A 2-core CPU in 17-22 minutes (EXPERIMENTS.md#digits-the-cpu-default-preset).
     "default": Config(**{**IMAGE, **dict(
         batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=50, mm_lr=1e-3, instant_train_steps=600,
-        mm_ema=0.99, dmd2_train_steps=150, dmd2_ema=0.0, gan=False, ttur=2, dmd2_steps=(1,),
+        mm_ema=0.99, dmd2_train_steps=200, dmd2_lr=1e-3, dmd2_ema=0.95, gan=False, dmd2_steps=(1,),
         teacher_ks=(1, 2, 4, 8, 64, 256), chunk=100)}),
     # Seconds: the end-to-end tests of the image path.
     "smoke": Config(data="digits", width=32, depth=1, batch=32, teacher_steps=60, teacher_ema=0.9, mm_train_steps=20,

@@ -8,6 +8,7 @@ import dataclasses
 import io
 import json
 import os
+import re
 import shutil
 from contextlib import redirect_stderr, redirect_stdout
 
@@ -176,6 +177,14 @@ def test_resume_with_bad_config(text, tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         train.parse(["--resume", str(out)])
     assert e.value.code == 2 and f"--resume {out}: bad config.json" in error_line(capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("field, value", [("dmd2_lr", 0.0), ("dmd2_lr", True), ("teacher_lr", float("nan")),
+                                          ("mm_lr", -1e-3), ("teacher_lr", float("inf"))])
+def test_config_refuses_a_bad_learning_rate(field, value):  # set by presets and a resumed run's config.json
+    with pytest.raises(ValueError, match=re.escape(f"{field} (peak learning rate) must be a finite number > 0; "
+                                                   f"got {value!r}")):
+        dataclasses.replace(TINY, **{field: value})
 
 
 # Flag: (valid values, invalid values). A value is valid on its own; `bad_tokens` adds the combinations that are not.
