@@ -49,6 +49,16 @@ def test_image_targets():
     assert row(low, "teacher 256-step class accuracy >= 0.8", key="target")["met"] is False
 
 
+@pytest.mark.parametrize("fd, div, met", [(14.0, 4.2, (True, True)), (18.0, 3.0, (False, False))])
+def test_dmd2_image_targets(fd, div, met):
+    """FD within 3x of the teacher's many-step FD (4.9: 14.7) and class_div >= 0.7x the data's (4.5: 3.15)."""
+    res = image_results(dmd2_k1=dict(fd=fd, class_div=div))
+    rows = benchmarks.targets(res, {"fd": 3.3, "class_div": 4.5}, "fd")
+    assert row(rows, "DMD2 k=1 fd within 3x", key="target")["met"] is met[0]
+    t = row(rows, "DMD2 k=1 within-class diversity", key="target")
+    assert t["met"] is met[1] and "0.7 x 4.5 (real vs real)" in t["measured"]
+
+
 def toy_report(off_mode):
     """report.json of a ring8 run as train.py writes it (the fields `targets` reads), DMD2 k = 1 `off_mode` off."""
     res = {"teacher_ancestral_k8": (8, 2.14e-3, 0.984), "teacher_ancestral_k1000": (1000, 5.79e-5, 0.999),
