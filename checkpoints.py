@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import shutil
+import threading
 import zipfile
 from pathlib import Path
 from typing import Optional
@@ -42,7 +43,7 @@ CHECKPOINT_VERSION = 1  # bump when what a checkpoint holds changes; older check
 TEACHER_FIELDS = ("data", "dim", "teacher", "seed", "batch", "width", "depth", "teacher_steps", "teacher_lr",
                   "teacher_ema")
 NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", "teacher_samplers", "n_samples",
-                "chunk")
+                "chunk", "jobs")
 
 
 # Fields only DMD2 reads, and fields only the MM algorithms read: a phase of one does not depend on the other's.
@@ -111,6 +112,7 @@ class Run:
         self.ckpt.mkdir(parents=True, exist_ok=True)
         self.stop_reason, self.chunks_left = None, max_chunks
         self.teacher_cache = teacher_cache
+        self._lock = threading.Lock()  # phases trained at once (`train.concurrently`) share the chunk budget
 
     def write(self, name, write_fn):
         """Write `out/name` atomically (`write_atomic`)."""
@@ -191,10 +193,11 @@ class Run:
         return state, step, {k: v[:step] for k, v in history.items()}, seconds
 
     def count_chunk(self):
-        if self.chunks_left is not None:
-            self.chunks_left -= 1
-            if self.chunks_left <= 0:
-                self.stop_reason = "--max-chunks reached"
+        with self._lock:
+            if self.chunks_left is not None:
+                self.chunks_left -= 1
+                if self.chunks_left <= 0:
+                    self.stop_reason = self.stop_reason or "--max-chunks reached"
 
     def check(self):
         """Raise `Stop` if a signal arrived or the chunk budget is spent (before each chunk and evaluation)."""

@@ -75,6 +75,7 @@ class Config:
     teacher_samplers: tuple = ("ancestral", "ddim")  # the teacher's samplers scored at each of teacher_ks
     n_samples: int = 10_000  # samples drawn per student and sampler for the report
     chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
+    jobs: int = 2  # distillation phases trained at once, each in its own thread on the same devices (train.concurrently)
 
     def __post_init__(self):
         if not 0 <= self.guidance < float("inf"):
@@ -95,7 +96,7 @@ class Config:
         if not (isinstance(self.seed, int) and 0 <= self.seed < 2**32):
             raise ValueError(f"--seed must be an integer in 0..2**32 - 1; got {self.seed!r}")
         for f in ("ttur", "batch", "width", "depth", "teacher_steps", "mm_train_steps", "instant_train_steps",
-                  "dmd2_train_steps", "n_samples", "chunk", "data_grad_batches", "nu_batch_mult"):
+                  "dmd2_train_steps", "n_samples", "chunk", "data_grad_batches", "nu_batch_mult", "jobs"):
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ValueError(f"{f} must be an integer >= 1; got {v!r}")
@@ -182,7 +183,7 @@ IMAGE_PRESETS = {
         mm_train_steps_per_k=((1, 1500), (2, 1500)), mm_aux_lr_per_k=((1, 3e-4),), instant_train_steps=3000,
         mm_ema=0.9995, dmd2_train_steps=1000, mm_steps=(1, 2, 4, 8), dmd2_steps=(1, 2, 4, 8),
         teacher_ks=(1, 2, 4, 8, 16, 32, 64, 128, 256), teacher_samplers=("ancestral", "ddim"), chunk=1000,
-        ablations=True)}),
+        ablations=True, jobs=1)}),
 }
 
 
@@ -216,12 +217,14 @@ def parse(argv=None):
     p.add_argument("--resume", help="continue the run in this directory with its saved config")
     p.add_argument("--overwrite", action="store_true", help="allow writing into an existing --out")
     p.add_argument("--max-chunks", type=int, help="stop cleanly after this many training chunks (tests resume)")
+    p.add_argument("--jobs", type=int, help="distillation phases trained at once (default: the preset's; the numbers "
+                   "do not depend on it)")
     a = p.parse_args(argv)
     if a.max_chunks is not None and a.max_chunks < 1:
         p.error(f"--max-chunks must be >= 1; got {a.max_chunks}")
     if a.resume is not None:
         out = Path(a.resume)
-        ignored = [k for k, v in vars(a).items() if v != p.get_default(k) and k not in ("resume", "max_chunks")]
+        ignored = [k for k, v in vars(a).items() if v != p.get_default(k) and k not in ("resume", "max_chunks", "jobs")]
         if ignored:
             names = {"gan": "gan" if a.gan else "no-gan", "backward_sim": "no-backward-sim"}
             p.error(f"--resume {out} continues with its saved config.json; drop "
@@ -231,6 +234,7 @@ def parse(argv=None):
         try:
             fields = json.loads((out / "config.json").read_text())
             cfg = Config(**{k: as_tuples(v) for k, v in fields.items()})
+            cfg = cfg if a.jobs is None else dataclasses.replace(cfg, jobs=a.jobs)
         except (OSError, json.JSONDecodeError, AttributeError, TypeError, ValueError) as e:
             p.error(f"--resume {out}: bad config.json: {e}")
         return cfg, out, a.max_chunks
@@ -238,7 +242,7 @@ def parse(argv=None):
     if a.preset not in presets:
         p.error(f"unknown preset {a.preset!r}; choose one of {sorted(presets)}")
     over = {k: getattr(a, k) for k in ("data", "dim", "teacher", "seed", "zs_sampling", "weighting", "ttur", "gan",
-                                       "backward_sim", "guidance") if getattr(a, k) is not None}
+                                       "backward_sim", "guidance", "jobs") if getattr(a, k) is not None}
     if a.methods is not None:
         over["methods"] = tuple(m.strip() for m in a.methods.split(","))
     if a.steps is not None:

@@ -108,6 +108,7 @@ def claims(results, histories, samples, m="mmd2", data_samples=None):
 
 
 def markdown(cfg, results, floor, phase_log, claim_rows, batch):
+    jobs = max(p.get("jobs", 1) for p in phase_log.values())
     metrics = [k for k in next(iter(results.values())) if k not in ("k", "nfe", "sample_seconds")]
     fmt = {k: "{:.3g}" for k in metrics}
     fmt.update({"mmd2": "{:.2e}", "energy": "{:.2e}", "mode_precision": "{:.3f}", "mode_recall": "{:.2f}"})
@@ -121,7 +122,9 @@ def markdown(cfg, results, floor, phase_log, claim_rows, batch):
     lines += ["", "## Training phases", "", f"Global batch {batch['global_batch']} = {batch['per_device_batch']} per device"
               f" x {batch['devices']} {batch['platform']} device(s), {batch['processes']} process(es).", "",
               "Training: the wall time of the phase's update chunks (the first one's compilation included); compiling: all "
-              "the tracing and compilation during the phase, its set-up included.", "",
+              "the tracing and compilation during the phase, its set-up included."
+              + (f" The distillation phases trained {jobs} at a time, sharing the devices, so their seconds overlap."
+                 if jobs > 1 else ""), "",
               "| phase | training (s) | compiling (s) | final losses |", "|---|---|---|---|"]
     for n, p in phase_log.items():
         compiling = f"{p['compile_seconds']:.1f}" if "compile_seconds" in p else "-"

@@ -72,6 +72,15 @@ def test_resume_without_config(make, tmp_path, capsys):
     assert not (out / "checkpoints").exists()
 
 
+def test_resume_takes_jobs(tmp_path):
+    """How many phases train at once does not change a number, so a resumed run may change it (and only it)."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "config.json").write_text(json.dumps(dataclasses.asdict(TINY)))
+    assert train.parse(["--resume", str(out), "--jobs", "3"])[0] == dataclasses.replace(TINY, jobs=3)
+    assert train.parse(["--resume", str(out)])[0] == TINY
+
+
 def test_resume_with_unknown_config_field(tmp_path, capsys):
     out = tmp_path / "run"
     out.mkdir()
@@ -85,9 +94,9 @@ def test_good_arguments(tmp_path):
     out = tmp_path / "new" / "run"
     cfg, got, max_chunks = train.parse(["--preset", "smoke", "--data", "gauss", "--dim", "4", "--methods",
                                         "dmd2, mm_instant", "--steps", "1,4", "--seed", "3", "--no-gan",
-                                        "--ttur", "2", "--out", str(out), "--max-chunks", "5"])
+                                        "--ttur", "2", "--out", str(out), "--max-chunks", "5", "--jobs", "3"])
     assert cfg == dataclasses.replace(train.PRESETS["smoke"], data="gauss", dim=4, methods=("dmd2", "mm_instant"),
-                                      mm_steps=(1, 4), dmd2_steps=(1, 4), seed=3, gan=False, ttur=2)
+                                      mm_steps=(1, 4), dmd2_steps=(1, 4), seed=3, gan=False, ttur=2, jobs=3)
     assert (got, max_chunks) == (out, 5)
     assert out.is_dir() and not list(out.iterdir())  # created, the write probe removed, nothing else
 
@@ -131,6 +140,7 @@ def test_ablations_run_the_other_gan_setting(gan, tmp_path):
         (["--seed", "-1"], "got -1"),
         (["--seed", str(2**64)], str(2**64)),
         (["--max-chunks", "0"], "--max-chunks must be >= 1; got 0"),
+        (["--jobs", "0"], "jobs must be an integer >= 1; got 0"),
         (["--guidance", "nan"], "got nan"),
         (["--guidance", "inf"], "got inf"),
         (["--guidance", "0.5"], "--guidance 0.5 needs class-conditional"),  # ring8: no classes to guide with
@@ -202,6 +212,7 @@ FLAGS = {
     "--ttur": (["1", "3"], ["0", "-2", "two"]),
     "--guidance": (["0", "0.5"], ["-1", "nan", "inf", "x"]),
     "--max-chunks": (["1", "9"], ["0", "-1", "x"]),
+    "--jobs": (["1", "3"], ["0", "-2", "x"]),
     "--out": (["new", "new/deeper", "existing"], ["afile", "afile/sub"]),
     "--no-gan": ([None], []),
     "--gan": ([None], []),

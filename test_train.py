@@ -13,6 +13,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -31,8 +32,9 @@ HERE = Path(__file__).resolve().parent
 TINY = dataclasses.replace(
     train.PRESETS["smoke"], width=16, depth=1, batch=32, teacher_steps=40, mm_train_steps=30, instant_train_steps=30,
     dmd2_train_steps=20,
-    mm_steps=(2,), dmd2_steps=(1,), ttur=2, teacher_ks=(1,), n_samples=1000, chunk=10, teacher_ema=0.9,
-)  # teacher_ema > 0: the resume test below then covers the weight average too
+    mm_steps=(2,), dmd2_steps=(1,), ttur=2, teacher_ks=(1,), n_samples=1000, chunk=10, teacher_ema=0.9, jobs=1,
+)  # teacher_ema > 0: the resume test below then covers the weight average too; jobs = 1: its stops fall where it says
+#    (phases trained at once: test_phases_at_once_equal_the_run_in_turn)
 SAMPLERS = {"teacher_ancestral", "teacher_ddim", *train.METHODS}
 REPORT_FILES = ("report.json", "report.md", "samples.npz", "samples.png", "losses.png", "metric_vs_nfe.png")
 METRICS = ("mmd2", "energy", "mode_precision", "mode_recall", "mode_tv", "avg_loglik")
@@ -60,10 +62,13 @@ def checkpoint_steps(out: Path):
 
 
 def no_timing(report):
-    """report.json without wall-clock times (sampling seconds, phase and compile seconds), as a string."""
+    """report.json without wall-clock times (sampling seconds, phase and compile seconds) and the number of phases
+    trained at once, as a string."""
     rep = json.loads(json.dumps(report))
     for r in rep["samplers"].values():
         del r["sample_seconds"]
+    for p in [rep["config"], *rep["phases"].values()]:
+        p.pop("jobs", None)
     for p in rep["phases"].values():
         del p["seconds"], p["compile_seconds"]
     return json.dumps(rep, sort_keys=True)  # strings, so NaN == NaN
@@ -182,6 +187,32 @@ def test_run_phase_chunking_and_resume_do_not_change_numbers(tmp_path):
 # a different seed is test_different_seed_gives_different_samples, on the CLI run below.
 
 
+def test_phases_at_once_equal_the_run_in_turn(run_a, tmp_path):
+    """jobs = 2: the distillation phases train two at a time (threads). Stopped by a chunk budget that the phases share,
+    then resumed, the run gives bitwise `run_a`'s samples and report (trained in turn)."""
+    cfg, b = dataclasses.replace(TINY, jobs=2), tmp_path / "b"
+    total = phase_steps(cfg)
+    with pytest.raises(train.Stop, match="max-chunks"):
+        train.main(cfg, train.Run(b, max_chunks=total["teacher"] // cfg.chunk + 2))
+    stopped = checkpoint_steps(b)
+    assert stopped["teacher"] == total["teacher"] and 0 < sum(stopped.values()) < sum(total.values()), stopped
+    train.main(cfg, train.Run(b))
+    (sa, ra), (sb, rb) = load(run_a[0]), load(b)
+    assert sa.keys() == sb.keys()
+    for k in sa:
+        assert sa[k].tobytes() == sb[k].tobytes(), k
+    assert no_timing(ra) == no_timing(rb)
+    assert {p.get("jobs") for n, p in rb["phases"].items() if n != "teacher"} == {2}
+
+
+def test_concurrently_runs_jobs_at_once_and_keeps_the_order(tmp_path):
+    """Four functions that each wait for another one to be running: they finish only if two run at once."""
+    meet = threading.Barrier(2, timeout=20)
+    fns = [lambda i=i: (meet.wait(), i)[1] for i in range(4)]
+    assert train.concurrently(train.Run(tmp_path), fns, 2) == [0, 1, 2, 3]
+    assert train.concurrently(train.Run(tmp_path), [lambda i=i: i for i in range(3)], 1) == [0, 1, 2]
+
+
 # ----------------------------------------------------------------------------------------------
 # 3. Divergence.
 
@@ -252,6 +283,27 @@ def test_run_phase_never_checkpoints_a_non_finite_state(tmp_path):
         train.run_phase(run, "fake", jnp.float32(0), step, 20, jr.key(0), 3)
     x, saved, _, _ = run.load_phase("fake", jnp.float32(0))
     assert np.isfinite(x) and saved <= 5
+
+
+def test_a_diverging_phase_stops_the_phases_beside_it(tmp_path):
+    """Two phases at once: `bad` goes NaN at step 7; `good`, 3,000 one-step chunks, stops after its current chunk with
+    its checkpoint on disk, and the phase waiting for a free thread never starts. The error raised is `bad`'s."""
+
+    def bad(count, key):
+        return count + 1, {"loss": jnp.where(count >= 7, jnp.nan, count.astype(jnp.float32))}
+
+    def good(count, key):
+        return count + 1, {"loss": count.astype(jnp.float32)}
+
+    run, started = train.Run(tmp_path), []
+    fns = [lambda: train.run_phase(run, "good", jnp.int32(0), good, 3000, jr.key(0), 1),
+           lambda: train.run_phase(run, "bad", jnp.int32(0), bad, 20, jr.key(0), 3),
+           lambda: started.append("waiting")]
+    with pytest.raises(FloatingPointError, match=r"phase bad: loss = nan at step 7"):
+        train.concurrently(run, fns, 2)
+    count, saved, history, _ = run.load_phase("good", jnp.int32(0))
+    assert 0 < saved < 3000 and int(count) == saved and len(history["loss"]) == saved
+    assert not started and run.stop_reason == "another phase stopped" and not leftovers(tmp_path)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -7,12 +7,14 @@ sampler draws 10,000 samples, `metrics.py` scores them against fresh true sample
 writes the report, the claims table and the plots. Same seed, same numbers.
 """
 
+import concurrent.futures
 import dataclasses
 import hashlib
 import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -41,24 +43,52 @@ from mmd import Averaged, averaged, ema_update, student  # noqa: F401 - re-expor
 from sampling import sample
 
 
-# Seconds JAX spends tracing, lowering and compiling programs in this process, from its monitoring events: the
-# report gives each phase's compile time beside its training time.
+# Seconds JAX spends tracing, lowering and compiling programs, from its monitoring events (reported in the thread
+# that compiles), per thread: the report gives each phase's compile time beside its training time.
 COMPILE_EVENTS = ("/jax/core/compile/jaxpr_trace_duration", "/jax/core/compile/jaxpr_to_mlir_module_duration",
                   "/jax/core/compile/backend_compile_duration")
-_compile_seconds = [0.0]
+_compiling = threading.local()
 
 
 def _count_compile(event, seconds, **_):
     if event in COMPILE_EVENTS:
-        _compile_seconds[0] += seconds
+        _compiling.seconds = getattr(_compiling, "seconds", 0.0) + seconds
 
 
 jax.monitoring.register_event_duration_secs_listener(_count_compile)
 
 
 def compile_seconds() -> float:
-    """Seconds this process has spent compiling so far (differences of two readings time a block)."""
-    return _compile_seconds[0]
+    """Seconds this thread has spent compiling so far (differences of two readings time a block)."""
+    return getattr(_compiling, "seconds", 0.0)
+
+
+def concurrently(run: Run, fns, jobs: int):
+    """`[fn() for fn in fns]`, with up to `jobs` of them running at once in threads (jobs = 1: in turn, here).
+
+    The toy networks' updates are thousands of small XLA operations, each too small to keep two CPU cores busy, so two
+    phases at once take about half the time of one after the other (EXPERIMENTS.md#cost-memory-and-samplers). XLA
+    releases Python's lock while it computes, and each phase computes exactly what it computes alone (its own programs,
+    keys and checkpoints): the numbers do not depend on `jobs`. The first exception sets `run.stop_reason`, so that the
+    other phases stop after their current chunk (checkpointed) and the waiting ones do not start; it is then raised."""
+
+    def guarded(fn):
+        run.check()
+        try:
+            return fn()
+        except BaseException:
+            run.stop_reason = run.stop_reason or "another phase stopped"
+            raise
+
+    if jobs == 1:
+        return [fn() for fn in fns]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(guarded, fn) for fn in fns]
+        concurrent.futures.wait(futures)
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:  # the cause, not the Stop it caused in the others
+        raise next((e for e in errors if not isinstance(e, Stop)), errors[0])
+    return [f.result() for f in futures]
 
 
 def phases(cfg: Config):
@@ -376,27 +406,36 @@ def main(cfg: Config, run: Run):
                              "final": {k: float(v[-1]) for k, v in history.items()}}}
     histories = {"teacher": history}
 
-    students = {}
-    for i, (name, method, k, overrides) in enumerate(phases(cfg)):
+    def student_phase(i, name, method, k, overrides):
         c0 = compile_seconds()
         model, history, seconds = distil(run, cfg, name, method, k, overrides, task, teacher, net, precond, mesh,
                                          jr.fold_in(key_distil, i))
+        return model, history, {"seconds": seconds, "compile_seconds": compile_seconds() - c0,
+                                "final": {k_: float(v[-1]) for k_, v in history.items()}}
+
+    jobs = cfg.jobs if jax.process_count() == 1 else 1  # processes must launch their collectives in the same order
+    todo = list(enumerate(phases(cfg)))
+    if jobs > 1:  # the longest first (DMD2 trains its fake score ttur times an update), so that the last one is short
+        todo.sort(key=lambda p: -cfg.train_steps(p[1][1], p[1][2]) * (cfg.ttur + 1 if p[1][1] == "dmd2" else 1))
+    done = concurrently(run, [lambda i=i, p=p: student_phase(i, *p) for i, p in todo], jobs)
+    students = {}
+    for (i, (name, method, k, overrides)), (model, history, log) in sorted(zip(todo, done), key=lambda d: d[0][0]):
         students[name] = (model, "marginal" if method == "dmd2" else "ancestral", k,
                           step_times(dataclasses.replace(cfg, **overrides), method, k, task))
-        histories[name] = history
-        phase_log[name] = {"seconds": seconds, "compile_seconds": compile_seconds() - c0,
-                           "final": {k_: float(v[-1]) for k_, v in history.items()}}
+        histories[name], phase_log[name] = history, {**log, "jobs": jobs}
 
     run.check()
     samplers = {f"teacher_{step}_k{k}": (teacher, step, k, step_times(cfg, "teacher", k, task))
                 for step in cfg.teacher_samplers for k in cfg.teacher_ks}
     samplers.update(students)
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
-    samples, results = {}, {}
-    for name, (model, step, k, times) in tqdm(samplers.items(), desc="evaluate", file=sys.stdout):
-        x, label, secs = draw_samples(model, task, k_sample, cfg.n_samples, k, step, times)  # label: the same for all
-        samples[name] = x
-        results[name] = {"k": k, "nfe": k, "sample_seconds": secs, **task.evaluate(x, label, k_ref)}
+    samples, seconds = {}, {}
+    for name, (model, step, k, times) in tqdm(samplers.items(), desc="sample", file=sys.stdout):
+        # one at a time, so that each sampler's time is its own; label: the same for all
+        samples[name], label, seconds[name] = draw_samples(model, task, k_sample, cfg.n_samples, k, step, times)
+    scores = concurrently(run, [lambda x=x: task.evaluate(x, label, k_ref) for x in samples.values()], jobs)
+    results = {name: {"k": samplers[name][2], "nfe": samplers[name][2], "sample_seconds": seconds[name], **score}
+               for name, score in zip(samples, scores)}
     floor = task.floor(k_floor)
     data_samples, data_labels = (None if a is None else np.asarray(a) for a in task.draw(k_floor, cfg.n_samples))
     main_keys = [n for n in samples if not any(a in n for a in ("_marginal_", "_posterior_", "_nogan_", "_gan_"))]
