@@ -172,7 +172,7 @@ IMAGE_PRESETS = {
     "default": Config(**{**IMAGE, **dict(
         batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=50, mm_lr=1e-3, instant_train_steps=600,
         mm_ema=0.99, dmd2_train_steps=200, dmd2_lr=1e-3, dmd2_ema=0.95, gan=False, dmd2_steps=(1,),
-        teacher_ks=(1, 2, 4, 8, 64, 256), chunk=100)}),
+        teacher_ks=(1, 2, 4, 8, 64, 256), chunk=100, jobs=1)}),  # its students gain nothing from two at once
     # Seconds: the end-to-end tests of the image path.
     "smoke": Config(data="digits", width=32, depth=1, batch=32, teacher_steps=60, teacher_ema=0.9, mm_train_steps=20,
                     instant_train_steps=20, dmd2_train_steps=6, ttur=2, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8),

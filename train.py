@@ -1,10 +1,10 @@
 """`python train.py`: train a teacher, distil students with each algorithm, measure them against the truth.
 
 Phases: teacher (or, with `--teacher exact`, a network regressed onto the closed-form denoiser), then
-one phase per (method, k). Every phase is a sequence of `lax.scan` chunks of its `mmd.*_step`, with
-a checkpoint after each chunk, so `--resume DIR` continues exactly where a run stopped. Then every
-sampler draws 10,000 samples, `metrics.py` scores them against fresh true samples, and `report.py`
-writes the report, the claims table and the plots. Same seed, same numbers.
+one phase per (method, k), `cfg.jobs` at a time (`concurrently`). Every phase is a sequence of `lax.scan`
+chunks of its `mmd.*_step`, with a checkpoint after each chunk, so `--resume DIR` continues exactly where
+a run stopped. Then every sampler draws 10,000 samples, `metrics.py` scores them against fresh true
+samples, and `report.py` writes the report, the claims table and the plots. Same seed, same numbers.
 """
 
 import concurrent.futures
@@ -67,7 +67,7 @@ def concurrently(run: Run, fns, jobs: int):
     """`[fn() for fn in fns]`, with up to `jobs` of them running at once in threads (jobs = 1: in turn, here).
 
     The toy networks' updates are thousands of small XLA operations, each too small to keep two CPU cores busy, so two
-    phases at once take about half the time of one after the other (EXPERIMENTS.md#cost-memory-and-samplers). XLA
+    phases at once take about half the time of one after the other (EXPERIMENTS.md#2026-12-06-two-phases-at-once). XLA
     releases Python's lock while it computes, and each phase computes exactly what it computes alone (its own programs,
     keys and checkpoints): the numbers do not depend on `jobs`. The first exception sets `run.stop_reason`, so that the
     other phases stop after their current chunk (checkpointed) and the waiting ones do not start; it is then raised."""
@@ -376,11 +376,22 @@ def check_checkpoints(run: Run, cfg: Config, task: tasks.Task, mesh):
             run.load_phase(name, like, phase_fields(cfg, name, overrides))
 
 
-def draw_samples(model, task: tasks.Task, key, n, k, step, times=None):
-    """Samples (class-conditional on labels 0, 1, 2, ... when the task has classes) and the wall time
-    of drawing them (compiled beforehand, so compile time is excluded). `times`: see `sampling.sample`."""
+def sampler(model, task: tasks.Task, key, n, k, step, times=None):
+    """`(program, label)`: the compiled program that draws `n` samples from `key` (class-conditional on labels 0, 1,
+    2, ... when the task has classes), and those labels. `times`: see `sampling.sample`."""
     label = jnp.arange(n) % task.num_classes if task.num_classes else None
-    fn = jax.jit(lambda key: sample(model, task.schedule, key, (n, *task.shape), k, step, label, times)).lower(key).compile()
+    fn = jax.jit(lambda key: sample(model, task.schedule, key, (n, *task.shape), k, step, label, times))
+    return fn.lower(key).compile(), label
+
+
+def draw_samples(model, task: tasks.Task, key, n, k, step, times=None):
+    """Samples, their labels (None without classes) and the wall time of drawing them (compile time excluded)."""
+    return timed_draw(sampler(model, task, key, n, k, step, times), key)
+
+
+def timed_draw(program, key):
+    """`draw_samples` with a `sampler` compiled already: samples, labels and the wall time of running it."""
+    fn, label = program
     t0 = time.perf_counter()
     x = np.asarray(jax.block_until_ready(fn(key)), np.float32)
     return x, None if label is None else np.asarray(label), time.perf_counter() - t0
@@ -429,10 +440,12 @@ def main(cfg: Config, run: Run):
                 for step in cfg.teacher_samplers for k in cfg.teacher_ks}
     samplers.update(students)
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
+    programs = concurrently(run, [lambda m=m, s=s, k=k, t=t: sampler(m, task, k_sample, cfg.n_samples, k, s, t)
+                                  for m, s, k, t in samplers.values()], jobs)  # compiled `jobs` at a time
     samples, seconds = {}, {}
-    for name, (model, step, k, times) in tqdm(samplers.items(), desc="sample", file=sys.stdout):
+    for name, program in zip(tqdm(samplers, desc="sample", file=sys.stdout), programs):
         # one at a time, so that each sampler's time is its own; label: the same for all
-        samples[name], label, seconds[name] = draw_samples(model, task, k_sample, cfg.n_samples, k, step, times)
+        samples[name], label, seconds[name] = timed_draw(program, k_sample)
     scores = concurrently(run, [lambda x=x: task.evaluate(x, label, k_ref) for x in samples.values()], jobs)
     results = {name: {"k": samplers[name][2], "nfe": samplers[name][2], "sample_seconds": seconds[name], **score}
                for name, score in zip(samples, scores)}
