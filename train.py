@@ -424,13 +424,17 @@ def main(cfg: Config, run: Run):
         return model, history, {"seconds": seconds, "compile_seconds": compile_seconds() - c0,
                                 "final": {k_: float(v[-1]) for k_, v in history.items()}}
 
+    def updates(i):  # of phase i, DMD2's counting its ttur critic updates
+        _, method, k, _ = todo[i]
+        return cfg.train_steps(method, k) * (cfg.ttur + 1 if method == "dmd2" else 1)
+
+    todo = phases(cfg)
     jobs = cfg.jobs if jax.process_count() == 1 else 1  # processes must launch their collectives in the same order
-    todo = list(enumerate(phases(cfg)))
-    if jobs > 1:  # the longest first (DMD2 trains its fake score ttur times an update), so that the last one is short
-        todo.sort(key=lambda p: -cfg.train_steps(p[1][1], p[1][2]) * (cfg.ttur + 1 if p[1][1] == "dmd2" else 1))
-    done = concurrently(run, [lambda i=i, p=p: student_phase(i, *p) for i, p in todo], jobs)
+    order = sorted(range(len(todo)), key=updates, reverse=True) if jobs > 1 else range(len(todo))  # the longest first
+    done = dict(zip(order, concurrently(run, [lambda i=i: student_phase(i, *todo[i]) for i in order], jobs)))
     students = {}
-    for (i, (name, method, k, overrides)), (model, history, log) in sorted(zip(todo, done), key=lambda d: d[0][0]):
+    for i, (name, method, k, overrides) in enumerate(todo):
+        model, history, log = done[i]
         students[name] = (model, "marginal" if method == "dmd2" else "ancestral", k,
                           step_times(dataclasses.replace(cfg, **overrides), method, k, task))
         histories[name], phase_log[name] = history, {**log, "jobs": jobs}
