@@ -1,5 +1,5 @@
 """The run directory of `train.py`: atomic writes, per-phase checkpoints that are checked before they are
-resumed, and the stop flag that signals set.
+resumed, the stop flag that signals set, and `concurrently`, which runs phases side by side under that flag.
 
 A checkpoint is `checkpoints/<phase>.eqx` (the state, `eqx.tree_serialise_leaves`) beside
 `checkpoints/<phase>.npz` (loss history, seconds, and `meta`: a format version, the config fields the
@@ -7,6 +7,7 @@ phase depends on and the path, shape and dtype of every array). A checkpoint tha
 refused with a `CheckpointError` naming the file, the phase and the difference; nothing is deleted.
 """
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -112,7 +113,7 @@ class Run:
         self.ckpt.mkdir(parents=True, exist_ok=True)
         self.stop_reason, self.chunks_left = None, max_chunks
         self.teacher_cache = teacher_cache
-        self._lock = threading.Lock()  # phases trained at once (`train.concurrently`) share the chunk budget
+        self._lock = threading.Lock()  # phases trained at once (`concurrently`) share the chunk budget
 
     def write(self, name, write_fn):
         """Write `out/name` atomically (`write_atomic`)."""
@@ -203,3 +204,31 @@ class Run:
         """Raise `Stop` if a signal arrived or the chunk budget is spent (before each chunk and evaluation)."""
         if self.stop_reason:
             raise Stop(self.stop_reason)
+
+
+def concurrently(run: Run, fns, jobs: int):
+    """`[fn() for fn in fns]`, with up to `jobs` of them running at once in threads (jobs = 1: in turn, here).
+
+    The toy networks' updates are thousands of small XLA operations, each too small to keep two CPU cores busy, so two
+    phases at once take about half the time of one after the other (EXPERIMENTS.md#2026-12-06-two-phases-at-once). XLA
+    releases Python's lock while it computes, and each phase computes exactly what it computes alone (its own programs,
+    keys and checkpoints): the numbers do not depend on `jobs`. The first exception sets `run.stop_reason`, so that the
+    other phases stop after their current chunk (checkpointed) and the waiting ones do not start; it is then raised."""
+
+    def guarded(fn):
+        run.check()
+        try:
+            return fn()
+        except BaseException:
+            run.stop_reason = run.stop_reason or "another phase stopped"
+            raise
+
+    if jobs == 1:
+        return [fn() for fn in fns]
+    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
+        futures = [pool.submit(guarded, fn) for fn in fns]
+        concurrent.futures.wait(futures)
+    errors = [f.exception() for f in futures if f.exception() is not None]
+    if errors:  # the cause, not the Stop it caused in the others
+        raise next((e for e in errors if not isinstance(e, Stop)), errors[0])
+    return [f.result() for f in futures]

@@ -75,7 +75,7 @@ class Config:
     teacher_samplers: tuple = ("ancestral", "ddim")  # the teacher's samplers scored at each of teacher_ks
     n_samples: int = 10_000  # samples drawn per student and sampler for the report
     chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)
-    jobs: int = 2  # distillation phases trained at once, each in its own thread on the same devices (train.concurrently)
+    jobs: int = 2  # distillation phases trained at once, each in its own thread on the same devices (concurrently)
 
     def __post_init__(self):
         if not 0 <= self.guidance < float("inf"):

@@ -7,7 +7,6 @@ a run stopped. Then every sampler draws 10,000 samples, `metrics.py` scores them
 samples, and `report.py` writes the report, the claims table and the plots. Same seed, same numbers.
 """
 
-import concurrent.futures
 import dataclasses
 import hashlib
 import json
@@ -27,8 +26,8 @@ import numpy as np
 from tqdm import tqdm
 
 from checkpoints import (  # noqa: F401 - re-exported: train.Run, train.Stop, ... are the public names
-    CHECKPOINT_VERSION, NOT_TRAINING, TEACHER_FIELDS, CheckpointError, Run, Stop, WriteError, copy_phase, phase_fields,
-    tree_arrays,
+    CHECKPOINT_VERSION, NOT_TRAINING, TEACHER_FIELDS, CheckpointError, Run, Stop, WriteError, concurrently, copy_phase,
+    phase_fields, tree_arrays,
 )
 import losses as L
 import dmd2
@@ -61,34 +60,6 @@ jax.monitoring.register_event_duration_secs_listener(_count_compile)
 def compile_seconds() -> float:
     """Seconds this thread has spent compiling so far (differences of two readings time a block)."""
     return getattr(_compiling, "seconds", 0.0)
-
-
-def concurrently(run: Run, fns, jobs: int):
-    """`[fn() for fn in fns]`, with up to `jobs` of them running at once in threads (jobs = 1: in turn, here).
-
-    The toy networks' updates are thousands of small XLA operations, each too small to keep two CPU cores busy, so two
-    phases at once take about half the time of one after the other (EXPERIMENTS.md#2026-12-06-two-phases-at-once). XLA
-    releases Python's lock while it computes, and each phase computes exactly what it computes alone (its own programs,
-    keys and checkpoints): the numbers do not depend on `jobs`. The first exception sets `run.stop_reason`, so that the
-    other phases stop after their current chunk (checkpointed) and the waiting ones do not start; it is then raised."""
-
-    def guarded(fn):
-        run.check()
-        try:
-            return fn()
-        except BaseException:
-            run.stop_reason = run.stop_reason or "another phase stopped"
-            raise
-
-    if jobs == 1:
-        return [fn() for fn in fns]
-    with concurrent.futures.ThreadPoolExecutor(jobs) as pool:
-        futures = [pool.submit(guarded, fn) for fn in fns]
-        concurrent.futures.wait(futures)
-    errors = [f.exception() for f in futures if f.exception() is not None]
-    if errors:  # the cause, not the Stop it caused in the others
-        raise next((e for e in errors if not isinstance(e, Stop)), errors[0])
-    return [f.result() for f in futures]
 
 
 def phases(cfg: Config):
