@@ -395,11 +395,12 @@ def main(cfg: Config, run: Run):
         return model, history, {"seconds": seconds, "compile_seconds": compile_seconds() - c0,
                                 "final": {k_: float(v[-1]) for k_, v in history.items()}}
 
+    todo = phases(cfg)
+
     def updates(i):  # of phase i, DMD2's counting its ttur critic updates
         _, method, k, _ = todo[i]
         return cfg.train_steps(method, k) * (cfg.ttur + 1 if method == "dmd2" else 1)
 
-    todo = phases(cfg)
     jobs = cfg.jobs if jax.process_count() == 1 else 1  # processes must launch their collectives in the same order
     order = sorted(range(len(todo)), key=updates, reverse=True) if jobs > 1 else range(len(todo))  # the longest first
     done = dict(zip(order, concurrently(run, [lambda i=i: student_phase(i, *todo[i]) for i in order], jobs)))
