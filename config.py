@@ -168,9 +168,9 @@ PRESETS = {
 IMAGE = dict(data="digits", width=64, depth=2, step_grid="cosine", weighting="flat", teacher_samplers=("ancestral",),
              n_samples=898, data_grad_batches=100, nu_batch_mult=1)
 IMAGE_PRESETS = {
-    # A 2-core Xeon: 23 minutes alone on a slow day of its shared VM (EXPERIMENTS.md#digits-the-cpu-default-preset).
+    # A 2-core Xeon, alone: 16 minutes on a fast hour of its shared VM (EXPERIMENTS.md#digits-the-cpu-default-preset).
     "default": Config(**{**IMAGE, **dict(
-        batch=128, teacher_steps=8000, teacher_lr=3e-3, mm_train_steps=50, mm_lr=1e-3, instant_train_steps=600,
+        batch=128, teacher_steps=6000, teacher_lr=3e-3, mm_train_steps=50, mm_lr=1e-3, instant_train_steps=600,
         mm_ema=0.99, dmd2_train_steps=200, dmd2_lr=1e-3, dmd2_ema=0.95, gan=False, dmd2_steps=(1,),
         teacher_ks=(1, 2, 4, 8, 64, 256), chunk=100, jobs=1)}),  # its students gain nothing from two at once
     # Seconds: the end-to-end tests of the image path.

@@ -109,7 +109,7 @@ def test_ablations_run_the_other_gan_setting(gan, tmp_path):
     (abl,) = [p for p in train.phases(cfg) if "gan" in p[0]]
     assert abl == (f"dmd2_{'nogan' if gan else 'gan'}_k1", "dmd2", 1, {"gan": not gan})
     assert train.PRESETS["default"].gan is False and train.IMAGE_PRESETS["full"].gan is True
-    assert train.IMAGE_PRESETS["default"].gan is False  # the digits CPU default: no GAN at 150 updates (README)
+    assert train.IMAGE_PRESETS["default"].gan is False  # the digits CPU default: no GAN at 200 updates (README)
     assert train.parse(["--gan", "--out", str(tmp_path / "x")])[0].gan is True
     assert train.parse(["--data", "digits", "--gan", "--out", str(tmp_path / "y")])[0].gan is True
 
