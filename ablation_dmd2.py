@@ -2,18 +2,17 @@
 
     python ablation_dmd2.py VARIANT SEEDS      e.g.  python ablation_dmd2.py k=4_per_step_critic=0_grid=0 0,1,2
 
-VARIANT is `_`-separated `name=value` changes to `train.PRESETS["default"]` (6,000 updates, no GAN, weight
-average 0.999: `k=4` is train.py's DMD2 k = 4; EXPERIMENTS.md's rows spell out every setting they changed): `k`,
-the Config fields `backward_sim`, `gan` (0/1), `ttur`, `dmd2_train_steps` (integers), `dmd2_lr` (a float), and
-arguments of `dmd2.dmd2_distiller` that no Config field sets: `per_step_critic`, `dmd2_lr_decay` (0/1: `lr_decay`),
+VARIANT is `_`-separated `name=value` changes to `train.PRESETS["default"]` (3,000 updates, the generator's rate
+decayed to 0, no GAN: `k=4` is train.py's DMD2 k = 4; EXPERIMENTS.md's rows spell out every setting they changed):
+`k`, the Config fields `backward_sim`, `gan`, `dmd2_lr_decay` (0/1), `ttur`, `dmd2_train_steps` (integers),
+`dmd2_lr` (a float), and arguments of `dmd2.dmd2_distiller` that no Config field sets: `per_step_critic` (0/1),
 `gan_gen_weight` (a float), `times` (the generator's step times, `times=1:0.89:0.74:0.49`), `grid=0`
 (uniform) / `grid=1` (official, train.py's). Each seed uses the cached default ring8 teacher of `ablation_instant.py`
-(`python train.py --seed S`), trains DMD2 exactly as train.py does (`train.distil_setup`), keeping beside it a
-weight average of the generator (`train.ema_update`, decays
-0.99, 0.995 and 0.999; it does not change the training), samples 10,000 points with marginal re-noising from the
-last weights and from each average, and prints one JSON line each: MMD^2, mode TV, off-mode fraction.
-The `ema0.999` line is what train.py samples on toy data (`TOY_DMD2`); `last` is `dmd2_ema = 0`.
-"""
+(`python train.py --seed S`), trains DMD2 exactly as train.py does (`train.distil_setup`), keeping beside it
+weight averages of the generator (`train.ema_update`, decays 0.99, 0.995, 0.998 and 0.999; they do not change the
+training), samples 10,000 points with marginal re-noising from the last weights and from each average, and prints
+one JSON line each: MMD^2, mode TV, off-mode fraction. The `ema0.99` line is what train.py samples on toy data
+(`TOY_DMD2`); `last` is `dmd2_ema = 0`."""
 
 import dataclasses
 import json
@@ -30,18 +29,16 @@ import parallel
 import train
 from ablation_instant import evaluate, setup
 
-BOOLS = ("per_step_critic", "backward_sim", "gan", "lr_decay")
+BOOLS = ("per_step_critic", "backward_sim", "gan", "dmd2_lr_decay")
 FLOATS = ("dmd2_lr", "gan_gen_weight")
-CONFIG = ("backward_sim", "gan", "ttur", "dmd2_train_steps", "dmd2_lr")  # the rest are dmd2_distiller's arguments
-RENAME = {"dmd2_lr_decay": "lr_decay"}
-DECAYS = (0.99, 0.995, 0.999)
+CONFIG = ("backward_sim", "gan", "dmd2_lr_decay", "ttur", "dmd2_train_steps", "dmd2_lr")  # the rest: dmd2_distiller's
+DECAYS = (0.99, 0.995, 0.998, 0.999)
 
 
 def parse(variant):
     """`(k, Config overrides, dmd2_distiller arguments)` of a VARIANT; no `times` in them: train.py's grid."""
     over, kw = {}, {}
     for name, val in re.findall(r"(?:^|_)([a-z][a-z0-9_]*?)=([0-9.:e-]+)", variant):
-        name = RENAME.get(name, name)
         if name == "grid":
             if not int(val):  # grid=1 is train.py's own (official) grid
                 kw["times"] = None

@@ -48,7 +48,7 @@ NOT_TRAINING = ("methods", "mm_steps", "dmd2_steps", "ablations", "teacher_ks", 
 
 
 # Fields only DMD2 reads, and fields only the MM algorithms read: a phase of one does not depend on the other's.
-DMD2_FIELDS = ("ttur", "gan", "backward_sim", "dmd2_train_steps", "dmd2_ema", "dmd2_lr")
+DMD2_FIELDS = ("ttur", "gan", "backward_sim", "dmd2_train_steps", "dmd2_ema", "dmd2_lr", "dmd2_lr_decay")
 MM_FIELDS = ("zs_sampling", "weighting", "mm_train_steps", "mm_train_steps_per_k", "mm_lr", "mm_aux_lr_per_k",
              "instant_train_steps", "nu_batch_mult", "data_grad_batches", "mm_ema", "step_grid")
 

@@ -141,6 +141,32 @@ def test_instant_phase_draws_b_and_b_prime(mult):
     assert sizes == [(cfg.batch, mult * cfg.batch)]
 
 
+@pytest.mark.parametrize("decay", [True, False])
+def test_dmd2_lr_decay_stops_the_generator_only(decay):
+    """`Config.dmd2_lr_decay`: the DMD2 generator's rate falls along a cosine to 0 at its last scheduled update
+    (`dmd2_train_steps`), so one update past it leaves the generator where it was while the critic, at its constant
+    rate, still trains; without the decay the generator still moves. (Decaying the critic's rate, or both, fails.)"""
+    import tasks  # noqa: PLC0415
+
+    n = 5
+    cfg = dataclasses.replace(TINY, dmd2_train_steps=n, dmd2_lr_decay=decay, dmd2_ema=0.0)
+    task, mesh = tasks.make_task(cfg), train.parallel.data_mesh()
+    net = train.teacher_setup(cfg, task, mesh)[0].model
+    state, step, num = train.distil_setup(cfg, "dmd2", 1, {}, task, net, net, None, mesh)
+    assert num == n
+    step = eqx.filter_jit(step)
+    for i in range(n):
+        state = step(state, jr.key(i))[0]
+    after = step(state, jr.key(n))[0]  # the update at schedule count n, where the cosine ends
+
+    def moved(player):
+        a, b = (jax.tree.leaves(eqx.filter(getattr(s, player).model, eqx.is_inexact_array)) for s in (state, after))
+        return any(bool(jnp.any(u != v)) for u, v in zip(a, b))
+
+    assert moved("critic")
+    assert moved("generator") == (not decay)
+
+
 @pytest.mark.parametrize("kw, want", [({}, "edm"), ({"weighting": "flat"}, "flat"), ({"weighting": "auto"}, "flat")])
 def test_setup_keywords_override_the_config(kw, want):
     """A setup's keyword arguments (`train.distil_setup(..., **kw)`, what the ablation drivers pass) go to the

@@ -273,8 +273,8 @@ def dmd2_setup(c: Config, k, task: tasks.Task, teacher, net, precond, **kw) -> m
     """DMD2 with `c`'s settings: generator from `net` on the official step grid (`dmd2_times`), fake score from the
     teacher (`auxiliary_start`)."""
     return dmd2.dmd2_distiller(teacher, **{**dict(
-        k=k, steps=c.dmd2_train_steps, lr=c.dmd2_lr, schedule=task.schedule, ttur=c.ttur, gan=c.gan,
-        feat_dim=task.feat_dim, times=dmd2_times(k, task), backward_sim=c.backward_sim, ema=c.dmd2_ema,
+        k=k, steps=c.dmd2_train_steps, lr=c.dmd2_lr, lr_decay=c.dmd2_lr_decay, schedule=task.schedule, ttur=c.ttur,
+        gan=c.gan, feat_dim=task.feat_dim, times=dmd2_times(k, task), backward_sim=c.backward_sim, ema=c.dmd2_ema,
         head_key=jr.key(c.seed + 1), student=net, fake_start=auxiliary_start(c, task, net)), **kw})
 
 
