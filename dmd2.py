@@ -221,7 +221,7 @@ def dmd2_step(state: DMD2State, real, x_real, key, *, cfg: DMD2Config, optimiser
 
 
 
-def dmd2_distiller(teacher, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=3e-4, lr_decay=True, ttur=5,
+def dmd2_distiller(teacher, *, k: int, steps: int, schedule: Schedule = Schedule(), lr=6e-4, lr_decay=True, ttur=5,
                    gan=False, feat_dim=None, gan_gen_weight=3e-3, times="official", data_var=None,
                    per_step_critic=True, backward_sim=True, ema=0.99, head_key=None, student=None,
                    fake_start=None) -> Distiller:
