@@ -116,6 +116,13 @@ def test_mmd_energy_match_float64_reference():
     np.testing.assert_allclose(metrics.mmd2(x, y), kxx + kyy - 2 * kxy, rtol=1e-4)
     dxx, dyy, dxy = naive_pair_means(x, y, lambda r: r)
     np.testing.assert_allclose(metrics.energy_distance(x, y), 2 * dxy - dxx - dyy, rtol=1e-4)
+    # the within-reference term is remembered per reference: another one of the same shape, then the first again
+    hs = np.array([0.3, 1.0, 3.0])
+    for ref in (0.8 * y + 0.5, y):
+        kxx, kyy, kxy = naive_pair_means(x, ref, lambda r: np.mean([np.exp(-(r**2) / (2 * h**2)) for h in hs], 0))
+        np.testing.assert_allclose(metrics.mmd2(x, ref, hs), kxx + kyy - 2 * kxy, rtol=1e-4)
+        dxx, dyy, dxy = naive_pair_means(x, ref, lambda r: r)
+        np.testing.assert_allclose(metrics.energy_distance(x, ref), 2 * dxy - dxx - dyy, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", ["ring8", "gmm"])

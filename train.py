@@ -401,9 +401,24 @@ def main(cfg: Config, run: Run):
         _, method, k, _ = todo[i]
         return cfg.train_steps(method, k) * (cfg.ttur + 1 if method == "dmd2" else 1)
 
+    k_sample, k_ref, k_floor = jr.split(key_eval, 3)
+    label = np.arange(cfg.n_samples) % task.num_classes if task.num_classes else None  # every sampler's, as `sampler`
+    teacher_samplers = {f"teacher_{step}_k{k}": (teacher, step, k, step_times(cfg, "teacher", k, task))
+                        for step in cfg.teacher_samplers for k in cfg.teacher_ks}
+
+    def teacher_evaluation():  # the teacher's rows need no student: they run in the queue's last slot
+        out = {}
+        for name, (m, s, k, t) in teacher_samplers.items():
+            run.check()  # a stop does not wait for the rest of the 1000-step samplers
+            x, _, seconds = draw_samples(m, task, k_sample, cfg.n_samples, k, s, t)
+            out[name] = x, seconds, task.evaluate(x, label, k_ref)
+        return out
+
     jobs = cfg.jobs if jax.process_count() == 1 else 1  # processes must launch their collectives in the same order
     order = sorted(range(len(todo)), key=updates, reverse=True) if jobs > 1 else range(len(todo))  # the longest first
-    done = dict(zip(order, concurrently(run, [lambda i=i: student_phase(i, *todo[i]) for i in order], jobs)))
+    *done, evaluated = concurrently(run, [lambda i=i: student_phase(i, *todo[i]) for i in order] + [teacher_evaluation],
+                                    jobs)
+    done = dict(zip(order, done))
     students = {}
     for i, (name, method, k, overrides) in enumerate(todo):
         model, history, log = done[i]
@@ -412,19 +427,17 @@ def main(cfg: Config, run: Run):
         histories[name], phase_log[name] = history, {**log, "jobs": jobs}
 
     run.check()
-    samplers = {f"teacher_{step}_k{k}": (teacher, step, k, step_times(cfg, "teacher", k, task))
-                for step in cfg.teacher_samplers for k in cfg.teacher_ks}
-    samplers.update(students)
-    k_sample, k_ref, k_floor = jr.split(key_eval, 3)
     programs = concurrently(run, [lambda m=m, s=s, k=k, t=t: sampler(m, task, k_sample, cfg.n_samples, k, s, t)
-                                  for m, s, k, t in samplers.values()], jobs)  # compiled `jobs` at a time
-    samples, seconds = {}, {}
-    for name, program in zip(tqdm(samplers, desc="sample", file=sys.stdout), programs):
-        # one at a time, so that each sampler's time is its own; label: the same for all
-        samples[name], label, seconds[name] = timed_draw(program, k_sample)
-    scores = concurrently(run, [lambda x=x: task.evaluate(x, label, k_ref) for x in samples.values()], jobs)
-    results = {name: {"k": samplers[name][2], "nfe": samplers[name][2], "sample_seconds": seconds[name], **score}
-               for name, score in zip(samples, scores)}
+                                  for m, s, k, t in students.values()], jobs)  # compiled `jobs` at a time
+    samples, seconds = {n: v[0] for n, v in evaluated.items()}, {n: v[1] for n, v in evaluated.items()}
+    for name, program in zip(tqdm(students, desc="sample", file=sys.stdout), programs):
+        samples[name], _, seconds[name] = timed_draw(program, k_sample)  # one at a time: each time is its own
+    scores = {n: v[2] for n, v in evaluated.items()}
+    scores.update(zip(students, concurrently(run, [lambda x=samples[n]: task.evaluate(x, label, k_ref)
+                                                   for n in students], jobs)))
+    samplers = {**teacher_samplers, **students}
+    results = {name: {"k": samplers[name][2], "nfe": samplers[name][2], "sample_seconds": seconds[name],
+                      **scores[name]} for name in samplers}
     floor = task.floor(k_floor)
     data_samples, data_labels = (None if a is None else np.asarray(a) for a in task.draw(k_floor, cfg.n_samples))
     main_keys = [n for n in samples if not any(a in n for a in ("_marginal_", "_posterior_", "_nogan_", "_gan_"))]
