@@ -3,8 +3,9 @@
 Phases: teacher (or, with `--teacher exact`, a network regressed onto the closed-form denoiser), then
 one phase per (method, k), `cfg.jobs` at a time (`concurrently`). Every phase is a sequence of `lax.scan`
 chunks of its `mmd.*_step`, with a checkpoint after each chunk, so `--resume DIR` continues exactly where
-a run stopped. Then every sampler draws 10,000 samples, `metrics.py` scores them against fresh true
-samples, and `report.py` writes the report, the claims table and the plots. Same seed, same numbers.
+a run stopped. Every sampler draws 10,000 samples (the teacher's in the queue's last slot, beside the last
+phases), `metrics.py` scores them against fresh true samples, and `report.py` writes the report, the claims
+table and the plots. Same seed, same numbers, whatever `cfg.jobs`.
 """
 
 import dataclasses
