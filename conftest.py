@@ -31,18 +31,14 @@ def pytest_configure(config):
 
 # The tests that run for a minute or more (`python profiles.py suite`) start first: with `-n 2 --dist worksteal`,
 # the process that finishes its share early takes over the other's remaining short tests, so no long test is
-# left to run alone at the end. test_train.py's other tests follow them: they share module fixtures (`run_a`,
-# `cli_run`: whole train.py runs) that each process would otherwise build again, and the work taken over comes
-# from the end of the other process's queue, so they stay together in the first process.
+# left to run alone at the end.
 LONG_FIRST = ("test_train.py::test_smoke_preset_end_to_end", "test_mmd.py::test_sampler_converges_with_exact_teacher",
               "test_own_teacher.py::test_example_own_teacher")
-SHARED_FIXTURES_EARLY = ("test_train.py::",)
 
 
 def pytest_collection_modifyitems(config, items):
     if hasattr(config, "workerinput"):  # only in pytest-xdist's worker processes, which share the tests out
-        rank = lambda item: 0 if item.nodeid.startswith(LONG_FIRST) else 1 if item.nodeid.startswith(SHARED_FIXTURES_EARLY) else 2
-        items.sort(key=rank)  # stable: file order otherwise
+        items.sort(key=lambda item: not item.nodeid.startswith(LONG_FIRST))  # stable: file order otherwise
 
 
 # Each compiled XLA CPU program holds memory mappings until it is freed, and Linux caps a process at
