@@ -403,7 +403,7 @@ def main(cfg: Config, run: Run):
         return cfg.train_steps(method, k) * (cfg.ttur + 1 if method == "dmd2" else 1)
 
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
-    label = np.arange(cfg.n_samples) % task.num_classes if task.num_classes else None  # every sampler's, as `sampler`
+    label = np.arange(cfg.n_samples, dtype=np.int32) % task.num_classes if task.num_classes else None  # as `sampler`
     teacher_samplers = {f"teacher_{step}_k{k}": (teacher, step, k, step_times(cfg, "teacher", k, task))
                         for step in cfg.teacher_samplers for k in cfg.teacher_ks}
 
