@@ -120,8 +120,8 @@ def markdown(cfg, results, floor, phase_log, claim_rows, batch):
     for n, r in results.items():
         lines.append(f"| {n} | {r['nfe']} | " + " | ".join(show(r, m) for m in metrics) + f" | {r['sample_seconds']:.3f} |")
     lines += ["", "Time: the wall time of drawing the samples, compilation excluded." + (
-        f" The teacher's rows are drawn in the last of the {jobs} slots that train the distillation phases, beside the"
-        " phases still training, so their times include that sharing (`--jobs 1`: each time alone)." if jobs > 1 else
+        f" The teacher's rows are drawn as the last job of the queue that trains the distillation phases {jobs} at a"
+        " time, beside the phases still training, so their times include that sharing (`--jobs 1`: each alone)." if jobs > 1 else
         " One sampler at a time.")]
     lines += ["", "## Training phases", "", f"Global batch {batch['global_batch']} = {batch['per_device_batch']} per device"
               f" x {batch['devices']} {batch['platform']} device(s), {batch['processes']} process(es).", "",

@@ -430,10 +430,9 @@ def main(cfg: Config, run: Run):
     run.check()
     programs = concurrently(run, [lambda m=m, s=s, k=k, t=t: sampler(m, task, k_sample, cfg.n_samples, k, s, t)
                                   for m, s, k, t in students.values()], jobs)  # compiled `jobs` at a time
-    samples, seconds = {n: v[0] for n, v in evaluated.items()}, {n: v[1] for n, v in evaluated.items()}
+    samples, seconds, scores = ({n: v[j] for n, v in evaluated.items()} for j in range(3))  # the teacher's so far
     for name, program in zip(tqdm(students, desc="sample", file=sys.stdout), programs):
         samples[name], _, seconds[name] = timed_draw(program, k_sample)  # one at a time: each time is its own
-    scores = {n: v[2] for n, v in evaluated.items()}
     scores.update(zip(students, concurrently(run, [lambda x=samples[n]: task.evaluate(x, label, k_ref)
                                                    for n in students], jobs)))
     samplers = {**teacher_samplers, **students}
