@@ -433,8 +433,9 @@ def main(cfg: Config, run: Run):
     samples, seconds, scores = ({n: v[j] for n, v in evaluated.items()} for j in range(3))  # the teacher's so far
     for name, program in zip(tqdm(students, desc="sample", file=sys.stdout), programs):
         samples[name], _, seconds[name] = timed_draw(program, k_sample)  # one at a time: each time is its own
-    scores.update(zip(students, concurrently(run, [lambda x=samples[n]: task.evaluate(x, label, k_ref)
-                                                   for n in students], jobs)))
+    # scored one at a time: two threads running the mixture's log-density program at once have deadlocked XLA CPU
+    # (both waiting, no CPU used; 2026-12-07)
+    scores.update({n: task.evaluate(samples[n], label, k_ref) for n in students})
     samplers = {**teacher_samplers, **students}
     results = {name: {"k": samplers[name][2], "nfe": samplers[name][2], "sample_seconds": seconds[name],
                       **scores[name]} for name in samplers}
