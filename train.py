@@ -407,9 +407,9 @@ def main(cfg: Config, run: Run):
     teacher_samplers = {f"teacher_{step}_k{k}": (teacher, step, k, step_times(cfg, "teacher", k, task))
                         for step in cfg.teacher_samplers for k in cfg.teacher_ks}
 
-    def teacher_evaluation():  # the teacher's rows need no student: they run in the queue's last slot
+    def drawn_and_scored(samplers):  # {name: (samples, seconds, scores)}, each drawn alone (compile excluded), in turn
         out = {}
-        for name, (m, s, k, t) in teacher_samplers.items():
+        for name, (m, s, k, t) in samplers.items():
             run.check()  # a stop does not wait for the rest of the 1000-step samplers
             x, _, seconds = draw_samples(m, task, k_sample, cfg.n_samples, k, s, t)
             out[name] = x, seconds, task.evaluate(x, label, k_ref)
@@ -417,7 +417,8 @@ def main(cfg: Config, run: Run):
 
     jobs = cfg.jobs if jax.process_count() == 1 else 1  # processes must launch their collectives in the same order
     order = sorted(range(len(todo)), key=updates, reverse=True) if jobs > 1 else range(len(todo))  # the longest first
-    *done, evaluated = concurrently(run, [lambda i=i: student_phase(i, *todo[i]) for i in order] + [teacher_evaluation],
+    *done, evaluated = concurrently(run, [lambda i=i: student_phase(i, *todo[i]) for i in order]
+                                    + [lambda: drawn_and_scored(teacher_samplers)],
                                     jobs)
     done = dict(zip(order, done))
     students = {}
@@ -428,14 +429,10 @@ def main(cfg: Config, run: Run):
         histories[name], phase_log[name] = history, {**log, "jobs": jobs}
 
     run.check()
-    programs = concurrently(run, [lambda m=m, s=s, k=k, t=t: sampler(m, task, k_sample, cfg.n_samples, k, s, t)
-                                  for m, s, k, t in students.values()], jobs)  # compiled `jobs` at a time
-    samples, seconds, scores = ({n: v[j] for n, v in evaluated.items()} for j in range(3))  # the teacher's so far
-    for name, program in zip(tqdm(students, desc="sample", file=sys.stdout), programs):
-        samples[name], _, seconds[name] = timed_draw(program, k_sample)  # one at a time: each time is its own
-    # scored one at a time: two threads running the mixture's log-density program at once have deadlocked XLA CPU
-    # (both waiting, no CPU used; 2026-12-07)
-    scores.update({n: task.evaluate(samples[n], label, k_ref) for n in students})
+    # the teacher's rows ran in the queue's last slot (they need no student); the students' are scored one at a time:
+    # two threads running the mixture's log-density program at once have deadlocked XLA CPU (2026-12-07)
+    evaluated.update(drawn_and_scored(students))
+    samples, seconds, scores = ({n: v[j] for n, v in evaluated.items()} for j in range(3))
     samplers = {**teacher_samplers, **students}
     results = {name: {"k": samplers[name][2], "nfe": samplers[name][2], "sample_seconds": seconds[name],
                       **scores[name]} for name in samplers}
