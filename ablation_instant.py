@@ -125,8 +125,7 @@ def main(variant, seeds):
         cfg, task, state, kd, ke = setup(seed)
         teacher = state.model
         eps = {} if peps is None else {"eps": peps}
-        precond = mmd.preconditioner_from_adam(state.player.opt_state, b2=mmd.TEACHER_B2,
-                                               like=mmd.L.params(state.player.model), **eps)
+        precond = mmd.preconditioner_from_adam(state.player.opt_state, b2=mmd.TEACHER_B2, **eps)
         g0 = data_grad_of(task, teacher, jr.fold_in(kd, 77), nb=nbg, weighting=kw["weighting"]) if eq10 else None
         t0 = time.time()
         model, hist, emas = run_instant(cfg, task, teacher, precond, jr.fold_in(kd, 1), data_grad=g0, **kw)

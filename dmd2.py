@@ -32,7 +32,7 @@ def dmd2_optimiser(lr=2e-6, warmup=500, clip=10.0, weight_decay=0.01, decay_step
         sched = optax.warmup_constant_schedule(0.0, lr, warmup) if warmup > 0 else optax.constant_schedule(lr)
     else:
         sched = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(decay_steps, warmup + 1))
-    return optax.flatten(optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=0.999, weight_decay=weight_decay)))
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adamw(sched, b1=0.9, b2=0.999, weight_decay=weight_decay))
 
 
 class Critic(eqx.Module):

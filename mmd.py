@@ -15,7 +15,6 @@ import jax
 import jax.numpy as jnp
 import jax.random as jr
 import optax
-from jax.flatten_util import ravel_pytree
 
 import losses as L
 import sampling
@@ -25,9 +24,7 @@ sg = jax.lax.stop_gradient
 
 
 # ----------------------------------------------------------------------------------------------
-# Optimisers. Each runs on its parameters as one flat vector (`optax.flatten`): the same updates, with clipping,
-# Adam and the schedules as one set of operations instead of one per array, so a training step compiles to about a
-# third fewer XLA operations (EXPERIMENTS.md#2026-12-07-the-optimisers-on-one-flat-vector).
+# Optimisers.
 
 
 def mm_optimiser(lr=1e-4, total_steps=200_000, warmup=1000, clip=1.0, b1=0.0):
@@ -42,7 +39,7 @@ def mm_optimiser(lr=1e-4, total_steps=200_000, warmup=1000, clip=1.0, b1=0.0):
     sched = optax.join_schedules(
         [optax.linear_schedule(0.0, lr, warmup), optax.linear_schedule(lr, 0.0, max(total_steps - warmup, 1))], [warmup]
     )
-    return optax.flatten(optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=b1, b2=0.99, eps=1e-12)))
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=b1, b2=0.99, eps=1e-12))
 
 
 TEACHER_B2 = 0.99  # Adam's b2 of `teacher_optimiser`: what `preconditioner_from_adam` must be told
@@ -51,7 +48,7 @@ TEACHER_B2 = 0.99  # Adam's b2 of `teacher_optimiser`: what `preconditioner_from
 def teacher_optimiser(lr=1e-3, total_steps=10_000, warmup=200, clip=1.0):
     """Teacher training: Adam(0.9, 0.99), warm-up then cosine decay, clip 1 (the usual small-model recipe)."""
     sched = optax.warmup_cosine_decay_schedule(0.0, lr, min(warmup, total_steps // 2), max(total_steps, 2))
-    return optax.flatten(optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=0.9, b2=TEACHER_B2)))
+    return optax.chain(optax.clip_by_global_norm(clip), optax.adam(sched, b1=0.9, b2=TEACHER_B2))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -230,14 +227,11 @@ def check_preconditioner(precond, teacher):
         )
 
 
-def preconditioner_from_adam(opt_state, *, b2, eps=1e-3, like=None):
+def preconditioner_from_adam(opt_state, *, b2, eps=1e-3):
     """Lambda = 1 / (sqrt(v_hat) + eps) from an optax Adam state (bias-corrected second moments).
 
     `b2`: the b2 the teacher's Adam ran with (`TEACHER_B2` for `teacher_optimiser`; optax's `adam` default is
     0.999). An optax state does not record it, and a wrong value silently mis-corrects v's bias.
-
-    `like`: the parameters the optimiser updated (`losses.params(model)`), needed when its state holds them as one
-    flat vector (`optax.flatten`, as `teacher_optimiser`): Lambda is returned in their tree.
 
     The guard `eps`: Adam's own 1e-8 (or App. B's 1e-12) lets parameters whose gradients are almost
     always zero (e.g. units dead on the data) get Lambda ~ 1e8 and dominate nu, which made a prototype
@@ -248,14 +242,7 @@ def preconditioner_from_adam(opt_state, *, b2, eps=1e-3, like=None):
     if len(adam) != 1:
         raise ValueError(f"expected exactly one Adam state in the optimiser state; found {len(adam)}")
     bias = 1.0 - b2 ** adam[0].count
-    lam = jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / bias) + eps), adam[0].nu)
-    if like is not None and jax.tree.structure(lam) != jax.tree.structure(like):  # one flat vector: back to the tree
-        flat, unravel = ravel_pytree(like)
-        if jnp.shape(lam) != flat.shape:
-            raise ValueError(f"the Adam state holds shape {jnp.shape(lam)}; the parameters given as `like` hold "
-                             f"{flat.size} numbers")
-        lam = unravel(lam)
-    return lam
+    return jax.tree.map(lambda v: 1.0 / (jnp.sqrt(v / bias) + eps), adam[0].nu)
 
 
 def estimate_preconditioner(teacher, schedule: Schedule, xs, key, *, b2=0.99, eps=1e-3, weighting="edm"):

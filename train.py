@@ -193,13 +193,9 @@ def frozen_teacher(cfg: Config, task: tasks.Task, state: TeacherState):
     net = state.model
     precond = None
     if "mm_instant" in cfg.methods:  # "loaded from the teacher checkpoint" (Sec. 3.3): Adam's v of the network
-        precond = mmd.preconditioner_from_adam(state.player.opt_state, b2=mmd.TEACHER_B2,
-                                               like=mmd.L.params(state.player.model))
+        precond = mmd.preconditioner_from_adam(state.player.opt_state, b2=mmd.TEACHER_B2)
     teacher, precond = guided(cfg, net if cfg.teacher == "trained" else task.exact, precond)
     return teacher, net, precond
-
-
-CACHE_FORMAT = 2  # raised when a checkpoint's layout changes (2: the optimisers' state as one flat vector)
 
 
 def teacher_cache_dir(run: Run, cfg: Config):
@@ -208,7 +204,7 @@ def teacher_cache_dir(run: Run, cfg: Config):
     (a file can change under its name)."""
     if run.teacher_cache is None or cfg.data.startswith("npz:"):
         return None
-    fields = json.dumps({**phase_fields(cfg, "teacher"), "format": CACHE_FORMAT}, sort_keys=True)
+    fields = json.dumps(phase_fields(cfg, "teacher"), sort_keys=True)
     return Path(run.teacher_cache) / f"{cfg.data}-{hashlib.sha256(fields.encode()).hexdigest()[:16]}"
 
 
