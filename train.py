@@ -348,10 +348,15 @@ def check_checkpoints(run: Run, cfg: Config, task: tasks.Task, mesh):
             run.load_phase(name, like, phase_fields(cfg, name, overrides))
 
 
+def sample_labels(task: tasks.Task, n):
+    """The labels of `n` class-conditional samples: 0, 1, 2, ... in turn (None when the task has no classes)."""
+    return np.arange(n, dtype=np.int32) % task.num_classes if task.num_classes else None
+
+
 def sampler(model, task: tasks.Task, key, n, k, step, times=None):
-    """`(program, label)`: the compiled program that draws `n` samples from `key` (class-conditional on labels 0, 1,
-    2, ... when the task has classes), and those labels. `times`: see `sampling.sample`."""
-    label = jnp.arange(n) % task.num_classes if task.num_classes else None
+    """`(program, label)`: the compiled program that draws `n` samples from `key` (class-conditional on
+    `sample_labels`), and those labels. `times`: see `sampling.sample`."""
+    label = sample_labels(task, n)
     fn = jax.jit(lambda key: sample(model, task.schedule, key, (n, *task.shape), k, step, label, times))
     return fn.lower(key).compile(), label
 
@@ -403,7 +408,7 @@ def main(cfg: Config, run: Run):
         return cfg.train_steps(method, k) * (cfg.ttur + 1 if method == "dmd2" else 1)
 
     k_sample, k_ref, k_floor = jr.split(key_eval, 3)
-    label = np.arange(cfg.n_samples, dtype=np.int32) % task.num_classes if task.num_classes else None  # as `sampler`
+    label = sample_labels(task, cfg.n_samples)
     teacher_samplers = {f"teacher_{step}_k{k}": (teacher, step, k, step_times(cfg, "teacher", k, task))
                         for step in cfg.teacher_samplers for k in cfg.teacher_ks}
 
