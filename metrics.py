@@ -28,7 +28,9 @@ from data import check_images, digits, digits_halves
 # Blocked pairwise sums.
 
 
-@functools.partial(jax.jit, static_argnames=("kind", "block"))
+# Compiled at LLVM's full optimisation level, XLA's default, whatever `XLA_FLAGS` says: the tests lower it to 0 for
+# their training programs, under which these exponentials over millions of pairs ran twice as long.
+@functools.partial(jax.jit, static_argnames=("kind", "block"), compiler_options={"xla_backend_optimization_level": 3})
 def _row_sums(x, y, inv_2h2, same, *, kind, block):
     """`sum_j f(||x_i - y_j||)` for every row i, `f` = mean of Gaussian kernels or the distance itself.
 

@@ -184,11 +184,13 @@ def test_auxiliary_fixed_point_is_the_average():
     phi0 = Affine(jnp.zeros((2, 2)), jnp.zeros(2))
     flat_p, unravel = ravel_pytree(phi0)
 
-    def loss(p):
-        return L.auxiliary_loss(unravel(p), w.teacher, SCHED, x_tilde, z_s, s, flat)
+    @jax.jit  # one compiled program, not one per operation of the Hessian
+    def newton(p, x_tilde, z_s, s):
+        loss = lambda p: L.auxiliary_loss(unravel(p), w.teacher, SCHED, x_tilde, z_s, s, flat)
+        return p - jnp.linalg.solve(jax.hessian(loss)(p), jax.grad(loss)(p))
 
     # the loss is quadratic in affine phi: one Newton step from anywhere is its exact minimiser
-    p_star = flat_p - jnp.linalg.solve(jax.hessian(loss)(flat_p), jax.grad(loss)(flat_p))
+    p_star = newton(flat_p, x_tilde, z_s, s)
     phi = unravel(p_star)
     avg = least_squares(z_s, 0.5 * (x_tilde + L.apply(w.teacher, z_s, s)))
     np.testing.assert_allclose(phi.w, avg.w, atol=1e-3)
@@ -243,6 +245,7 @@ def test_appendix_a_instant_gradient_is_half_the_eq9_gradient(seed):
     assert not np.allclose(g8_flipped, 0.5 * g9, rtol=0.1)
 
 
+@eqx.filter_jit
 def algorithm2_limit_gradient(lam, generator, teacher, precond, batch, batch_p):
     """grad_eta (1/lambda) L_{phi(lambda)}(eta), phi(lambda) = theta - lambda Lambda grad_phi L(phi)|theta on B'."""
     x_p, zs_p = L.generate(generator, SCHED, batch_p)
@@ -258,8 +261,8 @@ def test_eq8_is_the_small_step_limit_of_algorithm2():
         to64 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.float64) if eqx.is_inexact_array(a) else a, tree)
         teacher, generator, precond, batch, batch_p = map(to64, (teacher, generator, precond, batch, batch_p))
         g8 = _instant_grad(generator, teacher, precond, batch, batch_p)
-        errs = [float(jnp.linalg.norm(algorithm2_limit_gradient(lam, generator, teacher, precond, batch, batch_p) - g8)
-                      / jnp.linalg.norm(g8)) for lam in (1e-1, 1e-2, 1e-3)]
+        errs = [float(jnp.linalg.norm(algorithm2_limit_gradient(jnp.float64(lam), generator, teacher, precond, batch, batch_p)
+                                      - g8) / jnp.linalg.norm(g8)) for lam in (1e-1, 1e-2, 1e-3)]
     assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-2, errs  # O(lambda) convergence
     assert errs[1] / errs[2] > 5, errs
 
@@ -278,13 +281,13 @@ def test_k1_alternating_equals_vsd(seed):
         alpha, sigma = schedule.alpha_sigma(s)
         return L.edm_weight(schedule, s) * alpha**2 / sigma**2
 
-    g_mm = tree_vec(eqx.filter_grad(L.generator_loss)(generator, aux, teacher, SCHED, b, weight_times_snr))
-    g_vsd = tree_vec(eqx.filter_grad(L.vsd_loss)(generator, aux, teacher, SCHED, b.z_t, b.s, b.key, "edm"))
+    g_mm = tree_vec(eqx.filter_jit(eqx.filter_grad(L.generator_loss))(generator, aux, teacher, SCHED, b, weight_times_snr))
+    g_vsd = tree_vec(eqx.filter_jit(eqx.filter_grad(L.vsd_loss))(generator, aux, teacher, SCHED, b.z_t, b.s, b.key, "edm"))
     np.testing.assert_allclose(g_mm, g_vsd, rtol=1e-3, atol=1e-5 * float(jnp.max(jnp.abs(g_vsd))))
     # bites: at t < 1 the posterior z_s is not forward diffusion, and the two differ
     b_half = b._replace(t=jnp.full_like(b.t, 0.8), s=jnp.minimum(b.s, 0.8))
-    g_half = tree_vec(eqx.filter_grad(L.generator_loss)(generator, aux, teacher, SCHED, b_half, weight_times_snr))
-    g_vsd_half = tree_vec(eqx.filter_grad(L.vsd_loss)(generator, aux, teacher, SCHED, b.z_t, b_half.s, b.key, "edm"))
+    g_half = tree_vec(eqx.filter_jit(eqx.filter_grad(L.generator_loss))(generator, aux, teacher, SCHED, b_half, weight_times_snr))
+    g_vsd_half = tree_vec(eqx.filter_jit(eqx.filter_grad(L.vsd_loss))(generator, aux, teacher, SCHED, b.z_t, b_half.s, b.key, "edm"))
     assert not np.allclose(g_half, g_vsd_half, rtol=1e-2)
 
 

@@ -220,7 +220,7 @@ def sampler_noise_floor(cov, n=N_SAMPLES):
     return M.sampler_noise_floor(cov, n)
 
 
-# These samplers run for seconds (512 steps of 20,000 points): compiled fully optimised, whatever conftest's level.
+# These samplers run for seconds (up to 512 steps of 20,000 points): compiled fully optimised, whatever conftest's level.
 OPTIMISED = {"xla_backend_optimization_level": 3}
 
 
@@ -269,7 +269,7 @@ def test_conditional_sampling_gives_each_example_its_own_label(step):
 @pytest.mark.parametrize("k, recovers", [(256, True), (1, False)])
 def test_ancestral_recovers_mixture_weights(k, recovers):
     mix = MixtureDenoiser(**RING2)
-    x = jax.jit(lambda key: ancestral_sample(mix, SCHED, key, (N_SAMPLES, 2), k))(jr.key(3))
+    x = jax.jit(lambda key: ancestral_sample(mix, SCHED, key, (N_SAMPLES, 2), k), compiler_options=OPTIMISED)(jr.key(3))
     se = np.sqrt(0.3 * 0.7 / N_SAMPLES)
     ok = np.all(np.abs(M.component_fractions(np.asarray(x), RING2["means"]) - np.array(RING2["weights"])) < Z * se)
     assert ok == recovers  # k = 1 returns the overall mean, which sits in the heavier component
@@ -446,9 +446,14 @@ def test_alternating_distiller_with_fresh_data_gives_the_generator_its_own_batch
     assert d.batch_multiple == 2 and mmd.alternating_distiller(net, k=2, steps=10, fresh_data=False).batch_multiple == 1
     x = jnp.arange(16.0).reshape(8, 2)
     seen, real = [], L.noised_batch
-    monkeypatch.setattr(L, "noised_batch", lambda sched, x, *a, **kw: seen.append(np.asarray(x)) or real(sched, x, *a, **kw))
-    with jax.disable_jit():
-        d.step(d.init(), x, jr.key(1))
+
+    def noised_batch(sched, x, *a, **kw):  # records, in program order, the batch each update noises
+        jax.debug.callback(lambda v: seen.append(np.asarray(v)), x, ordered=True)
+        return real(sched, x, *a, **kw)
+
+    monkeypatch.setattr(L, "noised_batch", noised_batch)
+    jax.block_until_ready(d.step(d.init(), x, jr.key(1)))
+    jax.effects_barrier()
     assert len(seen) == 2
     np.testing.assert_array_equal(seen[0], x[:4])
     np.testing.assert_array_equal(seen[1], x[4:])

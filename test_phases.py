@@ -358,12 +358,15 @@ def test_config_rejects_ema_decay_outside_0_1(field, decay):
 
 def test_guided_guides_teacher_and_preconditioner_only_at_a_positive_scale():
 
-    net = ImageDenoiser(8, 1, num_classes=10, width=16, depth=1, key=jr.key(0))
-    params = eqx.filter(net, eqx.is_inexact_array)  # off its zero-initialised layers, so labels matter
-    leaves, tree = jax.tree.flatten(params)
-    noise = [0.1 * jr.normal(k, p.shape, p.dtype) for k, p in zip(jr.split(jr.key(2), len(leaves)), leaves)]
-    net = eqx.apply_updates(net, jax.tree.unflatten(tree, noise))
-    precond = jax.tree.map(jnp.ones_like, eqx.filter(net, eqx.is_inexact_array))
+    @eqx.filter_jit  # one compiled program each, not one per operation
+    def perturbed(net, key):  # off its zero-initialised layers, so labels matter
+        leaves, tree = jax.tree.flatten(eqx.filter(net, eqx.is_inexact_array))
+        noise = [0.1 * jr.normal(k, p.shape, p.dtype) for k, p in zip(jr.split(key, len(leaves)), leaves)]
+        return eqx.apply_updates(net, jax.tree.unflatten(tree, noise))
+
+    call = eqx.filter_jit(lambda model, z, t, label: model(z, t, label))
+    net = perturbed(ImageDenoiser(8, 1, num_classes=10, width=16, depth=1, key=jr.key(0)), jr.key(2))
+    precond = eqx.filter_jit(lambda m: jax.tree.map(jnp.ones_like, eqx.filter(m, eqx.is_inexact_array)))(net)
     cfg = dataclasses.replace(train.IMAGE_PRESETS["default"], guidance=0.0)
     assert train.guided(cfg, net, precond) == (net, precond)  # scale 0: the objects themselves
     assert train.guided(cfg, net) == (net, None)
@@ -371,6 +374,6 @@ def test_guided_guides_teacher_and_preconditioner_only_at_a_positive_scale():
     assert teacher.scale == pre.scale == 0.5 and teacher.model is net and pre.model is precond
     assert train.guided(dataclasses.replace(cfg, guidance=0.5), net)[1] is None
     z, t, label = jr.normal(jr.key(1), (8, 8, 1)), jnp.float32(0.7), jnp.int32(3)
-    x_c, x_u = net(z, t, label), net(z, t, None)
-    np.testing.assert_allclose(teacher(z, t, label), x_c + 0.5 * (x_c - x_u), rtol=1e-5, atol=1e-5)
+    x_c, x_u = call(net, z, t, label), call(net, z, t, None)
+    np.testing.assert_allclose(call(teacher, z, t, label), x_c + 0.5 * (x_c - x_u), rtol=1e-5, atol=1e-5)
     assert float(jnp.max(jnp.abs(x_c - x_u))) > 1e-3  # the two predictions differ, so the check above can fail
