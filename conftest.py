@@ -3,9 +3,9 @@ import os
 # 8 virtual CPU devices for the sharding tests; must be set before JAX is imported. The tests' programs run for
 # seconds and compile for minutes (`python profiles.py suite`), so they are compiled for compile time: LLVM's
 # optimisation level 0 (one test file: 296 s -> 179 s) and XLA CPU's older fusion code generator (the whole
-# suite's XLA compile time 645 s -> 333 s). Neither changes a check. The few programs that run long (the exact
-# teacher's 512-step samplers, the closed-form testbed's 2,000 updates, the metrics' pairwise sums) ask for
-# level 3 themselves (`compiler_options`).
+# suite's XLA compile time 645 s -> 333 s). Neither changes a check. The few programs that run long ask for more
+# themselves (`compiler_options`): the closed-form testbed's 2,000 updates for level 3; the exact teacher's 512-step
+# samplers and the metrics' pairwise sums for level 3 and the fusion emitters, XLA's defaults.
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0 "
                                    "--xla_cpu_use_fusion_emitters=false")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

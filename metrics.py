@@ -28,9 +28,13 @@ from data import check_images, digits, digits_halves
 # Blocked pairwise sums.
 
 
-# Compiled at LLVM's full optimisation level, XLA's default, whatever `XLA_FLAGS` says: the tests lower it to 0 for
-# their training programs, under which these exponentials over millions of pairs ran twice as long.
-@functools.partial(jax.jit, static_argnames=("kind", "block"), compiler_options={"xla_backend_optimization_level": 3})
+# Compiled as XLA compiles by default, whatever `XLA_FLAGS` says: the tests lower LLVM's optimisation level to 0 and
+# turn XLA CPU's fusion emitters off for their training programs, under which these exponentials over millions of
+# pairs run several times as long.
+FULL = {"xla_backend_optimization_level": 3, "xla_cpu_use_fusion_emitters": True}
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "block"), compiler_options=FULL)
 def _row_sums(x, y, inv_2h2, same, *, kind, block):
     """`sum_j f(||x_i - y_j||)` for every row i, `f` = mean of Gaussian kernels or the distance itself.
 

@@ -257,13 +257,15 @@ def sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, s
         batched = lambda z, t: jax.vmap(denoiser, in_axes=(0, None, 0))(z, t, label)
     z1 = jr.normal(jr.fold_in(key, num_steps), shape)
 
-    def body(z_t, i):
+    def body(carry, i):  # carries the latest x_hat rather than stacking all k of them
+        z_t, _ = carry
         t, s = time_of(i), next_of(i)
         x_hat = batched(z_t, t)
-        return step_fn(schedule, z_t, x_hat, t, s, jr.fold_in(key, i)), x_hat
+        return (step_fn(schedule, z_t, x_hat, t, s, jr.fold_in(key, i)), x_hat), None
 
-    _, x_hats = jax.lax.scan(body, z1, jnp.arange(num_steps))
-    return x_hats[-1]
+    out = jax.eval_shape(batched, z1, time_of(0))
+    (_, x_hat), _ = jax.lax.scan(body, (z1, jnp.zeros(out.shape, out.dtype)), jnp.arange(num_steps))
+    return x_hat
 
 
 def ancestral_sample(denoiser: Denoiser, schedule: Schedule, key, shape, num_steps: int, label=None):

@@ -220,8 +220,11 @@ def sampler_noise_floor(cov, n=N_SAMPLES):
     return M.sampler_noise_floor(cov, n)
 
 
-# These samplers run for seconds (up to 512 steps of 20,000 points): compiled fully optimised, whatever conftest's level.
+# Programs that run for seconds, compiled fully optimised whatever conftest's flags say: the closed-form testbed's
+# training scans at LLVM's full level; the samplers (up to 512 steps of 20,000 points) also with XLA CPU's fusion
+# emitters, under which the ancestral step's fresh normals run twice as fast (1.65 s against 2.81 s for 512 steps).
 OPTIMISED = {"xla_backend_optimization_level": 3}
+SAMPLERS = {**OPTIMISED, "xla_cpu_use_fusion_emitters": True}
 
 
 @functools.lru_cache(maxsize=None)
@@ -229,8 +232,8 @@ def _jitted(kind, k):
     fn = {"ancestral": ancestral_sample, "ddim": ddim_sample, "wrong": None}[kind]
     if kind == "wrong":
         return jax.jit(lambda den, key: _wrong_std_sampler(den, key, (N_SAMPLES, den.mean.size), k),
-                       compiler_options=OPTIMISED)
-    return jax.jit(lambda den, key: fn(den, SCHED, key, (N_SAMPLES, den.mean.size), k), compiler_options=OPTIMISED)
+                       compiler_options=SAMPLERS)
+    return jax.jit(lambda den, key: fn(den, SCHED, key, (N_SAMPLES, den.mean.size), k), compiler_options=SAMPLERS)
 
 
 @pytest.mark.parametrize("kind", ["ancestral", "ddim"])
@@ -269,7 +272,7 @@ def test_conditional_sampling_gives_each_example_its_own_label(step):
 @pytest.mark.parametrize("k, recovers", [(256, True), (1, False)])
 def test_ancestral_recovers_mixture_weights(k, recovers):
     mix = MixtureDenoiser(**RING2)
-    x = jax.jit(lambda key: ancestral_sample(mix, SCHED, key, (N_SAMPLES, 2), k), compiler_options=OPTIMISED)(jr.key(3))
+    x = jax.jit(lambda key: ancestral_sample(mix, SCHED, key, (N_SAMPLES, 2), k), compiler_options=SAMPLERS)(jr.key(3))
     se = np.sqrt(0.3 * 0.7 / N_SAMPLES)
     ok = np.all(np.abs(M.component_fractions(np.asarray(x), RING2["means"]) - np.array(RING2["weights"])) < Z * se)
     assert ok == recovers  # k = 1 returns the overall mean, which sits in the heavier component
