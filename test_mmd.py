@@ -221,10 +221,10 @@ def sampler_noise_floor(cov, n=N_SAMPLES):
 
 
 # Programs that run for seconds, compiled fully optimised whatever conftest's flags say: the closed-form testbed's
-# training scans at LLVM's full level; the samplers (up to 512 steps of 20,000 points) also with XLA CPU's fusion
-# emitters, under which the ancestral step's fresh normals run twice as fast (1.65 s against 2.81 s for 512 steps).
+# training scans at LLVM's full level; the samplers (up to 512 steps of 20,000 points) as XLA compiles by default,
+# with its fusion emitters too, under which 512 ancestral steps at d = 8 take 1.65 s instead of 2.81 s.
 OPTIMISED = {"xla_backend_optimization_level": 3}
-SAMPLERS = {**OPTIMISED, "xla_cpu_use_fusion_emitters": True}
+SAMPLERS = M.FULL
 
 
 @functools.lru_cache(maxsize=None)
