@@ -16,7 +16,10 @@ _worker, _workers = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("P
 if _worker and hasattr(os, "sched_setaffinity") and 1 < _workers <= len(os.sched_getaffinity(0)):
     _cores, _i = sorted(os.sched_getaffinity(0)), int(_worker.removeprefix("gw"))
     _per = len(_cores) // _workers
-    os.sched_setaffinity(0, _cores[_i * _per:(_i + 1) * _per])
+    try:
+        os.sched_setaffinity(0, _cores[_i * _per:(_i + 1) * _per])
+    except OSError:  # a sandbox that forbids it: the workers share the cores, as without pinning
+        pass
 os.environ["MMD_TEACHER_CACHE"] = ""  # train.py runs of the tests train their own teachers (no cache under runs/)
 # JAX's persistent compilation cache, shared by every test process (pytest-xdist's workers) and the train.py
 # processes the tests start: a program compiled once loads from disk when it is met again, after the per-file
