@@ -2,17 +2,17 @@
 
     python ablation_dmd2.py VARIANT SEEDS      e.g.  python ablation_dmd2.py k=4_per_step_critic=0_grid=0 0,1,2
 
-VARIANT is `_`-separated `name=value` changes to `train.PRESETS["default"]` (3,000 updates at lr 6e-4, the
-generator's rate decayed to 0, no GAN: `k=4` is train.py's DMD2 k = 4; EXPERIMENTS.md's rows spell out every setting
-they changed): `k`, the Config fields `backward_sim`, `gan`, `dmd2_lr_decay` (0/1), `ttur`, `dmd2_train_steps`,
-`batch` (integers), `dmd2_lr` (a float), and arguments of `dmd2.dmd2_distiller` that no Config field sets:
-`per_step_critic` (0/1), `gan_gen_weight` (a float), `times` (the generator's step times, `times=1:0.89:0.74:0.49`),
-`grid=0` (uniform) / `grid=1` (official, train.py's). Each seed uses the cached default ring8 teacher of
-`ablation_instant.py` (`python train.py --seed S`), trains DMD2 exactly as train.py does (`train.distil_setup`), keeping beside it
-weight averages of the generator (`train.ema_update`, decays 0.99, 0.995, 0.998 and 0.999; they do not change the
-training), samples 10,000 points with marginal re-noising from the last weights and from each average, and prints
-one JSON line each: MMD^2, mode TV, off-mode fraction. The `ema0.99` line is what train.py samples on toy data
-(`TOY_DMD2`); `last` is `dmd2_ema = 0`."""
+VARIANT is `_`-separated `name=value` changes to `train.PRESETS["default"]` (3,000 updates at lr 6e-4, the generator's
+rate decayed to 0, no GAN: `k=4` is train.py's DMD2 k = 4; EXPERIMENTS.md's rows spell out every setting they
+changed): `k`, the Config fields `backward_sim`, `gan`, `dmd2_lr_decay` (0/1), `ttur`, `dmd2_train_steps`, `batch`
+(integers), `dmd2_lr` (a float), and arguments of `dmd2.dmd2_distiller` that no Config field sets: `per_step_critic`
+(0/1), `gan_gen_weight` (a float), `times` (the generator's step times, `times=1:0.89:0.74:0.49`), `grid=0` (uniform)
+/ `grid=1` (official, train.py's). Each seed uses the cached default ring8 teacher of `ablation_instant.py` (`python
+train.py --seed S`), trains DMD2 exactly as train.py does (`train.distil_setup`), keeping beside it weight averages of
+the generator (`train.ema_update`, decays 0.99, 0.995, 0.998 and 0.999; they do not change the training), samples
+10,000 points with marginal re-noising from the last weights and from each average, and prints one JSON line each:
+MMD^2, mode TV, off-mode fraction. The `ema0.99` line is what train.py samples on toy data (`TOY_DMD2`); `last` is
+`dmd2_ema = 0`."""
 
 import dataclasses
 import json
