@@ -72,7 +72,7 @@ class Config:
     dmd2_lr: float = 3e-4  # DMD2's AdamW peak learning rate, generator and critic
     dmd2_lr_decay: bool = False  # DMD2: the generator's rate decays along a cosine to 0 over its updates
     guidance: float = 0.0  # classifier-free guidance scale of the teacher (0: none; class-conditional images)
-    teacher_ks: tuple = (1, 2, 4, 8, 1000)  # k of the teacher's own samplers, the students' reference
+    teacher_ks: tuple = (1, 2, 4, 8, 256)  # k of the teacher's own samplers, the students' reference (256: converged)
     teacher_samplers: tuple = ("ancestral", "ddim")  # the teacher's samplers scored at each of teacher_ks
     n_samples: int = 10_000  # samples drawn per student and sampler for the report
     chunk: int = 250  # training steps per compiled lax.scan call (and per checkpoint)

@@ -415,7 +415,7 @@ def main(cfg: Config, run: Run):
     def drawn_and_scored(samplers):  # {name: (samples, seconds, scores)}, each drawn alone (compile excluded), in turn
         out = {}
         for name, (m, s, k, t) in samplers.items():
-            run.check()  # a stop does not wait for the rest of the 1000-step samplers
+            run.check()  # a stop does not wait for the rest of the many-step samplers
             x, _, seconds = draw_samples(m, task, k_sample, cfg.n_samples, k, s, t)
             out[name] = x, seconds, task.evaluate(x, label, k_ref)
         return out
