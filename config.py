@@ -176,9 +176,9 @@ IMAGE_PRESETS = {
         mm_ema=0.99, dmd2_train_steps=200, dmd2_lr=1e-3, dmd2_ema=0.95, gan=False, dmd2_steps=(1,),
         teacher_ks=(1, 2, 4, 8, 64, 256), chunk=100, jobs=1)}),  # its students gain nothing from two at once
     # Seconds: the end-to-end tests of the image path.
-    "smoke": Config(data="digits", width=32, depth=1, batch=32, teacher_steps=60, teacher_ema=0.9, mm_train_steps=20,
-                    instant_train_steps=20, dmd2_train_steps=6, ttur=2, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8),
-                    teacher_samplers=("ancestral",), data_grad_batches=10, n_samples=200, chunk=20),
+    "smoke": Config(data="digits", width=32, depth=1, batch=32, teacher_steps=30, teacher_ema=0.9, mm_train_steps=10,
+                    instant_train_steps=10, dmd2_train_steps=4, ttur=2, mm_steps=(2,), dmd2_steps=(1,), teacher_ks=(1, 8),
+                    teacher_samplers=("ancestral",), data_grad_batches=10, n_samples=200, chunk=10),
     # One GPU, meant for <= 15 minutes; quality measured on CPUs (EXPERIMENTS.md#digits-the-full-preset).
     "full": Config(**{**IMAGE, **dict(
         batch=128, teacher_steps=30_000, teacher_lr=1e-3, teacher_ema=0.999, mm_lr=1e-3, mm_train_steps=300,
