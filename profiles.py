@@ -10,7 +10,8 @@
 does (untrained networks: the cost of an update does not depend on the weights), compile a `--steps`-update chunk
 ahead of time, time it, and take the FLOPs of one update from XLA's cost analysis (which counts a loop's body once).
 The peak is `cores x GHz x flops per cycle per core`, with 64 flops per cycle for AVX-512 (two FMA units x 16
-float32 lanes x 2) and 32 for AVX2, from /proc/cpuinfo.
+float32 lanes x 2) and 32 for AVX2, from /proc/cpuinfo; AMD's family 25 (Zen 3, Zen 4) runs AVX-512 on 256-bit
+units, so 32 there.
 """
 
 import argparse
@@ -51,9 +52,10 @@ def cpu_peak_gflops():
     """`(GFLOP/s, how)`: cores x GHz x float32 flops per cycle per core (AVX-512: 64, AVX2: 32, else 16)."""
     with open("/proc/cpuinfo") as f:
         info = f.read()
-    flags = next(line for line in info.splitlines() if line.startswith("flags")).split()
-    ghz = float(next(line for line in info.splitlines() if line.startswith("cpu MHz")).split(":")[1]) / 1000
-    per_cycle = 64 if "avx512f" in flags else 32 if "avx2" in flags else 16
+    field = lambda name: next(line for line in info.splitlines() if line.startswith(name)).split(":")[1].split()
+    flags, ghz = field("flags"), float(field("cpu MHz")[0]) / 1000
+    half_width = field("vendor_id") == ["AuthenticAMD"] and field("cpu family") == ["25"]  # AVX-512 on 256-bit units
+    per_cycle = 64 if "avx512f" in flags and not half_width else 32 if "avx2" in flags else 16
     cores = os.cpu_count()
     return cores * ghz * per_cycle, f"{cores} cores x {ghz:.2f} GHz x {per_cycle} flops per cycle"
 
