@@ -10,8 +10,8 @@
 does (untrained networks: the cost of an update does not depend on the weights), compile a `--steps`-update chunk
 ahead of time, time it, and take the FLOPs of one update from XLA's cost analysis (which counts a loop's body once).
 The peak is `cores x GHz x flops per cycle per core`, with 64 flops per cycle for AVX-512 (two FMA units x 16
-float32 lanes x 2) and 32 for AVX2, from /proc/cpuinfo; AMD's family 25 (Zen 4; Zen 3 has no AVX-512) runs AVX-512 on 256-bit
-units, so 32 there.
+float32 lanes x 2) and 32 for AVX2, from /proc/cpuinfo; AMD's family 25 (Zen 4; Zen 3 has no AVX-512) runs AVX-512
+on 256-bit units, so 32 there.
 """
 
 import argparse
