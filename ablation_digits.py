@@ -11,7 +11,8 @@ K its number of steps, `name=value` overrides of `train.IMAGE_PRESETS[PRESET]` (
 `--preset` names another; any Config field; the value is read as the field's type, booleans as 0/1, tuples as
 Python literals, e.g. `mm_train_steps_per_k="((1, 1500),)"`). The teacher
 is that preset's digits teacher of `python train.py --data digits --preset PRESET` (seed 0), trained once and
-cached in runs/ablation/digits_s0/ (default) or runs/ablation/digits_PRESET_s0/. SEEDS
+cached in runs/ablation/digits_s0/ (default) or runs/ablation/digits_PRESET_s0/, and shared with train.py through
+its teacher cache (runs/teachers/; `MMD_TEACHER_CACHE=""`: off), so a teacher either trained is not trained again. SEEDS
 are the student's: seed 0 uses `fold_in(distillation key, METHODS.index(METHOD))`, which is the key of that
 run's own phase where the run has one k per method (the default preset: `mm_alternating 8 0` and `mm_instant 8 0`
 reproduce `report.md` of `python train.py --data digits`; `full` numbers its phases over k too, so its seed 0 is
@@ -89,7 +90,8 @@ def main(method, k, seeds, over, preset="default", keys=1, student_steps=0):
     task, mesh = tasks.make_task(cfg), parallel.data_mesh()
     root = Path("runs/ablation/digits_s0" if preset == "default" else f"runs/ablation/digits_{preset}_s0")
     key_teacher, key_distil, key_eval = jr.split(jr.key(cfg.seed), 3)
-    state = train.train_teacher(train.Run(root), cfg, task, mesh, key_teacher)[0]
+    teacher_run = train.Run(root, teacher_cache=train.TEACHER_CACHE or None)  # train.py's teacher, if it trained one
+    state = train.train_teacher(teacher_run, cfg, task, mesh, key_teacher)[0]
     c = dataclasses.replace(cfg, **over)
     teacher, net, precond = train.frozen_teacher(c, task, state)  # as train.main reads it (students start from `net`)
     tag = "_".join([f"{method}_k{k}"] + [f"{n}={v}" for n, v in over.items()])
