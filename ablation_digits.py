@@ -11,8 +11,8 @@ K its number of steps, `name=value` overrides of `train.IMAGE_PRESETS[PRESET]` (
 `--preset` names another; any Config field; the value is read as the field's type, booleans as 0/1, tuples as
 Python literals, e.g. `mm_train_steps_per_k="((1, 1500),)"`). The teacher
 is that preset's digits teacher of `python train.py --data digits --preset PRESET` (seed 0), trained once and
-cached in runs/ablation/digits_s0/ (default) or runs/ablation/digits_PRESET_s0/, and shared with train.py through
-its teacher cache (runs/teachers/; `MMD_TEACHER_CACHE=""`: off), so a teacher either trained is not trained again. SEEDS
+cached in runs/ablation/digits_s0/ (default) or runs/ablation/digits_PRESET_s0/; it is shared with train.py through
+the teacher cache (runs/teachers/; `MMD_TEACHER_CACHE=""`: off), so the two train it once between them. SEEDS
 are the student's: seed 0 uses `fold_in(distillation key, METHODS.index(METHOD))`, which is the key of that
 run's own phase where the run has one k per method (the default preset: `mm_alternating 8 0` and `mm_instant 8 0`
 reproduce `report.md` of `python train.py --data digits`; `full` numbers its phases over k too, so its seed 0 is

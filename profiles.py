@@ -49,7 +49,7 @@ def suite_table(paths, top=30):
 
 
 def cpu_peak_gflops():
-    """`(GFLOP/s, how)`: cores x GHz x float32 flops per cycle per core (AVX-512: 64, AVX2: 32, else 16)."""
+    """`(GFLOP/s, how)`: cores x GHz x float32 flops per cycle per core (AVX-512: 64, Zen 4 and AVX2: 32, else 16)."""
     with open("/proc/cpuinfo") as f:
         info = f.read()
     field = lambda name: next(line for line in info.splitlines() if line.startswith(name)).split(":")[1].split()
