@@ -3,6 +3,7 @@ of a finished run (`benchmarks.py targets RUN_DIR`); the ablation drivers' piece
 
 import dataclasses
 import json
+from pathlib import Path
 
 import equinox as eqx
 import jax.numpy as jnp
@@ -125,3 +126,22 @@ def test_score_run_gives_the_report_and_trains_nothing(tmp_path, capsys):
     assert len(got["fd_keys"]) == 2 and got["fd_keys"][1] != round(got["fd"], 2)  # key 1 draws other samples
     with pytest.raises(SystemExit, match="no phase.*dmd2_k1"):
         ablation_digits.score_run(tmp_path, only=["dmd2_k1"])
+
+
+@pytest.mark.parametrize("cache", ["runs/teachers", ""])
+def test_ablation_digits_reads_the_teacher_from_train_pys_cache(cache, tmp_path, monkeypatch):
+    """ablation_digits trains or copies its teacher through train.py's teacher cache (none when it is off), so a
+    teacher that `python train.py --data digits` trained is not trained again."""
+    seen = {}
+
+    def teacher_phase(run, cfg, task, mesh, key):  # stands in for train.train_teacher: no training here
+        seen.update(cache=run.teacher_cache, out=run.out)
+        raise RuntimeError("the teacher phase was reached")
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(train, "TEACHER_CACHE", cache)
+    monkeypatch.setattr(train, "train_teacher", teacher_phase)
+    monkeypatch.setattr(ablation_digits.tasks, "make_task", lambda cfg: None)
+    with pytest.raises(RuntimeError, match="teacher phase was reached"):
+        ablation_digits.main("teacher", 8, [0], {})
+    assert seen == {"cache": cache or None, "out": Path("runs/ablation/digits_s0")}
